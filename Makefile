@@ -1,0 +1,48 @@
+# Two entry points for a fresh machine with only Python >= 3.11, git and make:
+#   make demo   -- build .venv from constraints.txt, then run the main job on the embedded default model
+#   make test   -- build .venv from constraints.txt, then run the test suite (what .ci/run calls)
+# Both are idempotent: the venv is rebuilt only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH_VENV := .venv-torch
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast golden bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "safetrade needs Python >= 3.11, found " + sys.version'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/safetrade demo
+
+test: setup
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS); rc=$$?; \
+	echo "suite time: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# Golden files need transformers' torch model; torch lives in its own venv, never in .venv.
+$(TORCH_VENV)/.installed: tests/golden/requirements-torch.txt
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check -r tests/golden/requirements-torch.txt
+	touch $@
+
+golden: setup $(TORCH_VENV)/.installed
+	$(BIN)/python -m tests.golden.export_roundtrip
+	$(TORCH_VENV)/bin/python tests/golden/make_golden.py
+
+bench: setup $(TORCH_VENV)/.installed
+	$(BIN)/python bench/forward.py --torch-python $(TORCH_VENV)/bin/python
+
+clean:
+	rm -rf $(VENV) $(TORCH_VENV)
