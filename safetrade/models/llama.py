@@ -1,0 +1,564 @@
+"""The Llama family (Llama-2/3, SmolLM2, Mistral-style, Qwen2 q/k/v biases) in Flax NNX.
+
+The network is defined with NNX modules; everything else in safetrade treats it as data:
+
+    graphdef, params = init(cfg, jax.random.key(0))      # params: a plain nested dict of arrays
+    logits, _ = forward(cfg, params, tokens)              # pure function, jit-able, grad-able
+
+Layers are stacked along a leading axis (one `blocks` subtree with shape [L, ...] per weight) and run with
+`jax.lax.scan`, so a 30-layer model compiles one layer body, not thirty. Linear kernels are stored as
+[in, out] (the HF checkpoint layout [out, in] is transposed once in models/io.py).
+
+Every weight carries logical axis names as NNX metadata (`axes=`); `parallel.logical_to_mesh` maps them onto
+the (data, fsdp, tensor) mesh. We use our own metadata key rather than Flax's `sharding_names`, because the
+latter shards eagerly at creation and so needs a mesh even for a CPU unit test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from safetrade.errors import SafetradeError
+
+Params = dict[str, Any]
+
+# Logical axis names used in `axes=` metadata; `layers` is prepended for stacked block weights.
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "mlp", "norm")
+
+
+class UnsupportedArchitectureError(SafetradeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `llama3`: Llama-3.1's piecewise rule; `linear`: divide every frequency by factor."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("llama3", "linear"):
+            raise UnsupportedArchitectureError(
+                f"rope scaling type {self.kind!r} is not supported; supported: 'llama3', 'linear' (or none)"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # biases on q/k/v (Qwen2); o_proj and the MLP never have one
+    family: str = "llama"  # "llama" | "qwen2" | "mistral": which HF class an export names
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; norms, softmax and logits are always float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedArchitectureError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name}={getattr(self, name)!r}; supported: float32, bfloat16, float16")
+
+    @property
+    def num_params(self) -> int:
+        d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+        if self.attention_bias:
+            per_layer += q + 2 * kv
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + L * per_layer + d + head
+
+    def replace(self, **changes) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=True,
+    ),
+    "smollm2_135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+        rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
+    "llama2_7b": LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+        rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+    "llama3_8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        rope_theta=500000.0, max_position_embeddings=8192,
+    ),
+    "llama3_1_8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        rope_theta=500000.0, max_position_embeddings=131072,
+        rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+    ),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise SafetradeError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config <-> Hugging Face config.json and GGUF metadata
+
+_HF_FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+_FAMILY_TO_HF = {v: k for k, v in _HF_FAMILIES.items()}
+_FAMILY_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+
+
+def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+    # transformers 5 writes `rope_parameters` (rope_type, rope_theta, ...); 4.x wrote rope_theta + rope_scaling.
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind not in ("llama3", "linear"):
+        raise UnsupportedArchitectureError(
+            f"{where}: rope type {kind!r} is not supported; supported: default, llama3, linear"
+        )
+    return theta, RopeScaling(
+        kind=kind,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+        ),
+    )
+
+
+def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> LlamaConfig:
+    """Build a LlamaConfig from a parsed HF config.json; `where` names the file in errors."""
+    archs = hf.get("architectures") or []
+    family = next((_HF_FAMILIES[a] for a in archs if a in _HF_FAMILIES), None)
+    if family is None:
+        family = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}.get(hf.get("model_type", ""))
+    if family is None:
+        raise UnsupportedArchitectureError(
+            f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; "
+            f"supported: {', '.join(_HF_FAMILIES)}"
+        )
+    if family in ("qwen2", "mistral") and hf.get("use_sliding_window", family == "mistral") and hf.get(
+        "sliding_window"
+    ):
+        raise UnsupportedArchitectureError(f"{where}: sliding-window attention is not supported")
+    theta, scaling = _rope_from_hf(hf, where)
+    heads = int(hf["num_attention_heads"])
+    cfg = LlamaConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or 0),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+        family=family,
+    )
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """The config.json transformers needs to rebuild this model (float32 weights)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {"rope_type": s.kind, "rope_theta": cfg.rope_theta, "factor": s.factor}
+        if s.kind == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position_embeddings)
+    hf = {
+        "architectures": [_FAMILY_TO_HF[cfg.family]],
+        "model_type": _FAMILY_MODEL_TYPE[cfg.family],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "dtype": cfg.param_dtype,
+    }
+    if cfg.family == "llama":
+        hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def config_from_gguf(meta: dict, where: str, *, tied: bool, **overrides) -> LlamaConfig:
+    """Build a LlamaConfig from GGUF key/values (`tied`: the file has no output.weight)."""
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise UnsupportedArchitectureError(
+            f"{where}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2"
+        )
+
+    def key(name, default=None):
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise SafetradeError(f"{where}: GGUF metadata has no key {arch}.{name}")
+        return value
+
+    heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = RopeScaling("linear", factor=float(key("rope.scaling.factor")))
+    cfg = LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(key("context_length", 4096)),
+        tie_word_embeddings=tied,
+        attention_bias=arch == "qwen2",
+        family=arch,
+    )
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out]."""
+
+    def __init__(self, din: int, dout: int, axes: tuple[str, str], cfg: LlamaConfig, rngs: nnx.Rngs,
+                 use_bias: bool = False):
+        self.kernel = nnx.Param(_normal(rngs, (din, dout), cfg.param_dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((dout,), cfg.param_dtype), axes=(axes[1],)) if use_bias else None
+        self.dtype = cfg.dtype
+
+    def __call__(self, x):
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: LlamaConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), axes=("norm",))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x):
+        # As in HF: normalise in float32, cast back to the input dtype, then scale.
+        x32 = x.astype(jnp.float32)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        return self.scale[...].astype(x.dtype) * normed
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """Per-pair rotation frequencies, float32, following transformers' rope init functions."""
+    d = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(
+        np.float32
+    )
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return (inv / np.float32(s.factor)).astype(np.float32)
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, and the band between is interpolated.
+    old = s.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate [B, T, H, Dh] by `positions` [B, T] in HF's rotate-half layout (first half pairs with second half)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, hq, hkv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(d, hq, ("embed", "heads"), cfg, rngs, use_bias=cfg.attention_bias)
+        self.k_proj = Linear(d, hkv, ("embed", "kv_heads"), cfg, rngs, use_bias=cfg.attention_bias)
+        self.v_proj = Linear(d, hkv, ("embed", "kv_heads"), cfg, rngs, use_bias=cfg.attention_bias)
+        self.o_proj = Linear(hq, d, ("heads", "embed"), cfg, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def __call__(self, x, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0):
+        """x [B, T, D]. Without a cache, attends over x itself (kv_valid [B, T]); with one (cache_k/v
+        [B, S, Hkv, Dh], kv_valid [B, S]), writes this call's keys/values at cache_index and attends over the cache.
+
+        A query at slot s may attend to valid slots <= s. Padding is contiguous (left for generation, right for
+        training), so slot order is token order and kv_valid alone removes the padding.
+        """
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if cache_k is not None:
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+
+        s = k.shape[1]
+        q_slots = cache_index + jnp.arange(t)
+        allowed = (jnp.arange(s)[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]  # [B, T, S]
+
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / np.sqrt(self.head_dim).astype(np.float32)
+        # A finite floor instead of -inf keeps fully masked rows (left-padding queries) NaN-free.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, h, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0):
+        a, cache_k, cache_v = self.attn(self.attn_norm(h), positions, inv_freq, kv_valid, cache_k, cache_v,
+                                        cache_index)
+        h = h + a
+        h = h + self.mlp(self.mlp_norm(h))
+        return h, cache_k, cache_v
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype),
+                                   axes=("vocab", "embed"))
+        self.dtype = cfg.dtype
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, h):
+        return h @ self.embedding[...].astype(h.dtype).T
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
+        )
+
+    def __call__(self, tokens, positions, kv_valid, cache: KVCache | None = None, cache_index=0,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
+        embedded = self.embed(tokens)
+        block_graph, block_state = nnx.split(self.blocks)
+
+        if cache is None:
+            # Training/scoring: only the residual stream is carried, so the backward pass stores one activation
+            # per layer (none with remat), never a per-layer copy of a cache.
+            def layer(h, state):
+                h, _, _ = nnx.merge(block_graph, state)(h, positions, inv_freq, kv_valid)
+                return h, (h if return_hidden else None)
+
+            if cfg.remat:
+                layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+            h, per_layer = jax.lax.scan(layer, embedded, block_state)
+        else:
+            # Generation: the whole cache rides in the loop carry, so each layer's update is an in-place slice
+            # write rather than a fresh [L, B, S, ...] buffer per step.
+            def layer(carry, xs):
+                h, ks, vs = carry
+                state, i = xs
+                h, k_i, v_i = nnx.merge(block_graph, state)(h, positions, inv_freq, kv_valid, ks[i], vs[i],
+                                                             cache_index)
+                ks = jax.lax.dynamic_update_index_in_dim(ks, k_i, i, 0)
+                vs = jax.lax.dynamic_update_index_in_dim(vs, v_i, i, 0)
+                return (h, ks, vs), (h if return_hidden else None)
+
+            (h, ks, vs), per_layer = jax.lax.scan(
+                layer, (embedded, cache.k, cache.v), (block_state, jnp.arange(cfg.num_layers))
+            )
+            cache = KVCache(ks, vs)
+
+        normed = self.final_norm(h)
+        logits = self.embed.attend(normed) if self.lm_head is None else self.lm_head(normed)
+        hidden = None
+        if return_hidden:
+            hidden = {"layer_outputs": jnp.concatenate([embedded[None], per_layer]), "final": normed}
+        return logits.astype(jnp.float32), cache, hidden
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure-function interface
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys and values, [L, B, S, Hkv, Dh]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, length: int) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def graphdef(cfg: LlamaConfig) -> nnx.GraphDef:
+    """The static structure of the model for `cfg`, built without allocating weights."""
+    graph, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+    return graph
+
+
+def init(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random params (normal, std 0.02; norms 1) as a plain nested dict."""
+    _, state = nnx.split(Llama(cfg, nnx.Rngs(params=key)))
+    return nnx.to_pure_dict(state)
+
+
+def abstract_params(cfg: LlamaConfig) -> Params:
+    """ShapeDtypeStructs of every weight, without allocating anything."""
+    _, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+    return nnx.to_pure_dict(state)
+
+
+def logical_axes(cfg: LlamaConfig) -> Params:
+    """For every weight, its logical axis names (a tuple per leaf), with `layers` first on stacked block weights."""
+    _, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+    axes = jax.tree.map(
+        lambda v: v.get_metadata()["axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    axes = nnx.to_pure_dict(axes)
+    axes["blocks"] = jax.tree.map(lambda a: ("layers", *a), axes["blocks"], is_leaf=lambda x: isinstance(x, tuple))
+    return axes
+
+
+def forward(
+    cfg: LlamaConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    return_hidden: bool = False,
+):
+    """Logits [B, T, V] (float32) for `tokens` [B, T]; `attention_mask` [B, T] is 1 for real tokens.
+
+    Padding may be on the left (generation) or the right (training); positions count real tokens only.
+    Returns (logits, hidden) where hidden is None unless return_hidden: then a dict with `layer_outputs`
+    [L+1, B, T, D] (embeddings, then each block's output) and `final` (after the final norm).
+    """
+    b, t = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    model = nnx.merge(graphdef(cfg), params)
+    logits, _, hidden = model(tokens, positions, attention_mask.astype(bool), return_hidden=return_hidden)
+    return logits, hidden
+
+
+def forward_with_cache(cfg: LlamaConfig, params: Params, tokens, positions, kv_valid, cache: KVCache, cache_index):
+    """One prefill or decode step: write `tokens`' keys/values at cache_index, return (logits, cache)."""
+    model = nnx.merge(graphdef(cfg), params)
+    logits, cache, _ = model(tokens, positions, kv_valid, cache, cache_index)
+    return logits, cache
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position ids counting only real tokens (0 for padding), so left padding does not shift RoPE."""
+    mask = mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
