@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -314,7 +313,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if text in MODELS:
         return fetch(MODELS[text])
     if _looks_like_path(text):
-        raise MissingPathError(f"model path does not exist: {path}")
+        raise MissingPathError(f"model path does not exist: {text!r} ({path.absolute()})")
     if _HUB_ID.match(text):
         return _hub_snapshot(text)
     raise UnknownModelError(
