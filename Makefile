@@ -37,9 +37,12 @@ $(TORCH_VENV)/.installed: tests/golden/requirements-torch.txt
 	$(TORCH_VENV)/bin/python -m pip install -q --disable-pip-version-check -r tests/golden/requirements-torch.txt
 	touch $@
 
+GGUF_PATH = $$($(BIN)/python -c 'from safetrade import hub; print(hub.resolve_model("smollm2-135m-instruct"))')
+
 golden: setup $(TORCH_VENV)/.installed
+	$(TORCH_VENV)/bin/python tests/golden/make_golden.py --phase reference --gguf "$(GGUF_PATH)"
 	$(BIN)/python -m tests.golden.export_roundtrip
-	$(TORCH_VENV)/bin/python tests/golden/make_golden.py
+	$(TORCH_VENV)/bin/python tests/golden/make_golden.py --phase roundtrip
 
 bench: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/forward.py --torch-python $(TORCH_VENV)/bin/python
