@@ -129,7 +129,12 @@ def cmd_convert(args) -> int:
     from safetrade.tokenizer import load_tokenizer
 
     cfg, params = io.load_model(args.source, param_dtype=args.dtype)
-    io.save_hf(args.output, cfg, params, tokenizer=load_tokenizer(args.source))
+    try:
+        tokenizer = load_tokenizer(args.source)
+    except SafetradeError as err:
+        print(f"warning: no tokenizer written ({err})", file=sys.stderr)
+        tokenizer = None
+    io.save_hf(args.output, cfg, params, tokenizer=tokenizer)
     print(f"wrote {args.output} ({cfg.family}, {cfg.num_params / 1e6:.1f}M params, {args.dtype})")
     return 0
 

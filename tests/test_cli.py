@@ -1,0 +1,40 @@
+"""The `safetrade` command end to end: generate, convert, and errors as messages rather than tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safetrade import cli
+from safetrade.models import io
+from tests.conftest import GOLDEN
+
+
+def test_every_option_has_help():
+    parser = cli.build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            assert action.help, f"{sub.prog} {action.option_strings or action.dest} has no help text"
+
+
+def test_unknown_model_is_a_clean_error(capsys):
+    assert cli.main(["generate", "--model", "no-such-model", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "smollm2-135m-instruct" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_generate_and_convert_on_the_embedded_model(tmp_path, capsys, smollm2_gguf):
+    out = tmp_path / "gen.json"
+    assert cli.main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
+                     "--json", str(out)]) == 0
+    reply = json.loads(out.read_text())["results"][0]["reply"]
+    assert "Paris" in reply
+
+    assert cli.main(["convert", str(GOLDEN / "tiny_gqa_tied"), str(tmp_path / "tiny")]) == 0
+    assert "no tokenizer written" in capsys.readouterr().err  # the tiny golden dirs carry none
+    assert io.load_hf(tmp_path / "tiny")[0] == io.load_hf(GOLDEN / "tiny_gqa_tied")[0]
+    assert cli.main(["convert", str(smollm2_gguf), str(tmp_path / "hf")]) == 0
+    cfg, _ = io.load_hf(tmp_path / "hf")
+    assert cfg.num_layers == 30 and (tmp_path / "hf" / "tokenizer.json").exists()
