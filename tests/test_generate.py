@@ -20,11 +20,21 @@ def tiny():
 
 
 def recompute_greedy(cfg, params, prompt, n):
-    """Reference decoder: re-run the full forward pass on the unpadded sequence for every new token."""
+    """Reference decoder: re-run the full forward pass, no cache, over the whole sequence for every new token.
+
+    The sequence sits in a fixed-width right-padded buffer so the forward pass compiles once.
+    """
+    import jax
+
+    width = len(prompt) + n
+    forward = jax.jit(lambda p, t, m: llama.forward(cfg, p, t, attention_mask=m)[0])
     seq = list(prompt)
     for _ in range(n):
-        logits, _ = llama.forward(cfg, params, jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(seq)] = seq
+        mask = (np.arange(width) < len(seq)).astype(np.int32)[None]
+        logits = forward(params, tokens, mask)
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
