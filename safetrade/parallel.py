@@ -33,6 +33,7 @@ RULES: Mapping[str, str | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "lora_rank": None,
 }
 
 # The batch dimension of activations and data is split over every axis that holds a copy of the model's work.

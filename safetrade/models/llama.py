@@ -31,7 +31,7 @@ from safetrade.errors import SafetradeError
 Params = dict[str, Any]
 
 # Logical axis names used in `axes=` metadata; `layers` is prepended for stacked block weights.
-LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "mlp", "norm")
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "lora_rank")
 
 
 class UnsupportedArchitectureError(SafetradeError):
@@ -56,6 +56,29 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters W + (alpha/rank)·A·B on the named projections (q/k/v/o_proj, gate/up/down_proj)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown or not self.targets:
+            raise SafetradeError(f"LoRA targets {sorted(unknown) or '()'} are not projections; choose from {LORA_TARGETS}")
+        if self.rank < 1:
+            raise SafetradeError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
     hidden_size: int
@@ -74,6 +97,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and logits are always float32
     remat: bool = False  # recompute each layer's activations in the backward pass
+    lora: LoraConfig | None = None  # adapters live in params as lora_a [in, r] / lora_b [r, out] beside kernels
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -281,18 +305,32 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel is [in, out]."""
+    """y = x @ kernel (+ bias) (+ scale · (x @ lora_a) @ lora_b); kernel is [in, out].
+
+    `name` (e.g. "q_proj") decides whether cfg.lora puts an adapter here. lora_b starts at zero, as in PEFT, so
+    a fresh adapter leaves the model unchanged.
+    """
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], cfg: LlamaConfig, rngs: nnx.Rngs,
-                 use_bias: bool = False):
+                 use_bias: bool = False, name: str = ""):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), cfg.param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), cfg.param_dtype), axes=(axes[1],)) if use_bias else None
         self.dtype = cfg.dtype
+        lora = cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
+        self.lora_scale = lora.scale if lora else 0.0
+        if lora:
+            a = _normal(rngs, (din, lora.rank), jnp.float32, std=1.0 / math.sqrt(din))
+            self.lora_a = nnx.LoRAParam(a.astype(cfg.param_dtype), axes=(axes[0], "lora_rank"))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, dout), cfg.param_dtype), axes=("lora_rank", axes[1]))
+        else:
+            self.lora_a = self.lora_b = None
 
     def __call__(self, x):
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            y = y + self.lora_scale * ((x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype))
         return y
 
 
@@ -343,10 +381,10 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, hq, hkv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = Linear(d, hq, ("embed", "heads"), cfg, rngs, use_bias=cfg.attention_bias)
-        self.k_proj = Linear(d, hkv, ("embed", "kv_heads"), cfg, rngs, use_bias=cfg.attention_bias)
-        self.v_proj = Linear(d, hkv, ("embed", "kv_heads"), cfg, rngs, use_bias=cfg.attention_bias)
-        self.o_proj = Linear(hq, d, ("heads", "embed"), cfg, rngs)
+        self.q_proj = Linear(d, hq, ("embed", "heads"), cfg, rngs, cfg.attention_bias, "q_proj")
+        self.k_proj = Linear(d, hkv, ("embed", "kv_heads"), cfg, rngs, cfg.attention_bias, "k_proj")
+        self.v_proj = Linear(d, hkv, ("embed", "kv_heads"), cfg, rngs, cfg.attention_bias, "v_proj")
+        self.o_proj = Linear(hq, d, ("heads", "embed"), cfg, rngs, name="o_proj")
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def __call__(self, x, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0):
@@ -383,9 +421,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
-        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
-        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs)
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs, name="gate_proj")
+        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs, name="up_proj")
+        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs, name="down_proj")
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
