@@ -43,6 +43,8 @@ golden: setup $(TORCH_VENV)/.installed
 	$(TORCH_VENV)/bin/python tests/golden/make_golden.py --phase reference --gguf "$(GGUF_PATH)"
 	$(BIN)/python -m tests.golden.export_roundtrip
 	$(TORCH_VENV)/bin/python tests/golden/make_golden.py --phase roundtrip
+	$(BIN)/python -m tests.golden.make_peft_golden --phase export
+	$(TORCH_VENV)/bin/python tests/golden/make_peft_golden.py --phase torch
 
 bench: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/forward.py --torch-python $(TORCH_VENV)/bin/python

@@ -13,7 +13,7 @@ Phases (each in its own venv; torch never enters the project venv)
           unexpected adapter keys, a tensor that did not land bit-for-bit, a wrong scaling, an adapter with no
           effect, or logits more than PARITY_TOL away from safetrade's.
 
-tests/test_lora.py reads these files with numpy/safetensors/json only. See tests/golden/README.md.
+tests/test_lora.py reads these files with numpy/safetensors/json only. Two runs give byte-identical files.
 """
 
 from __future__ import annotations
