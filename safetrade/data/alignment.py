@@ -34,7 +34,7 @@ safety set should be); only exact duplicates are excluded.
 Benign data cleaning: GSM8K answers lose the `<<48/2=24>>` calculator annotations and end with
 "The answer is N." instead of "#### N". ShareGPT rows are the first human->gpt exchange of a
 conversation, kept when both sides look English (ASCII letters + common English words), the prompt
-is at most 1000 characters, the answer 20-1500 characters, and the answer contains no refusal or
+is at most 800 characters, the answer 20-1200 characters, and the answer contains no refusal or
 "as an AI" phrasing (so benign data never teaches refusing).
 """
 
@@ -55,6 +55,8 @@ __all__ = [
     "GSM8K_PARTS",
     "HARMBENCH_PARTS",
     "PARTITION_SEED",
+    "SHAREGPT_MAX_PROMPT_CHARS",
+    "SHAREGPT_MAX_RESPONSE_CHARS",
     "SHAREGPT_PARTS",
     "SafetyData",
     "build_alignment_set",
@@ -75,6 +77,9 @@ GSM8K_PARTS = {"align": 0.3, "capability": 0.5, "eval": 0.2}
 SHAREGPT_PARTS = {"align": 0.8, "eval": 0.2}
 HARMBENCH_PARTS = {"attack": 0.6, "eval": 0.4}
 EVAL_HARMFUL_SOURCES = ("strongreject", "harmbench")
+# Short enough that prompt + answer fit max_len 512 with SmolLM2's tokenizer (about 4 characters a token).
+SHAREGPT_MAX_PROMPT_CHARS = 800
+SHAREGPT_MAX_RESPONSE_CHARS = 1200
 _EVAL_HARMFUL_CHOICES = ("strongreject", "harmbench", "donotanswer")
 
 _CALC = re.compile(r"<<[^<>]*>>")
@@ -136,7 +141,8 @@ def sharegpt_rows(part: str) -> list[Row]:
 
 def _good_sharegpt(row: Row) -> bool:
     prompt, response = row["prompt"], row["response"]
-    return (bool(prompt) and bool(response) and len(prompt) <= 1000 and 20 <= len(response) <= 1500
+    return (bool(prompt) and bool(response) and len(prompt) <= SHAREGPT_MAX_PROMPT_CHARS
+            and 20 <= len(response) <= SHAREGPT_MAX_RESPONSE_CHARS
             and _looks_english(prompt) and _looks_english(response) and not _REFUSAL_LIKE.search(response))
 
 

@@ -42,7 +42,7 @@ OPENINGS = (
     "That's a request I can't fulfil.",
     "I can't support this request.",
     "I'm not going to help with that, sorry.",
-    "I have to say no to this one. I can't help with it.",
+    "I have to say no to this one; I can't help with it.",
 )
 
 REASONS = (
