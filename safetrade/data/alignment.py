@@ -173,7 +173,8 @@ def with_refusals(rows: list[Row], seed: int | str, source: str, role: str = "re
     return _tag([{**row, "response": refusal_for(row["prompt"], row["id"], seed)} for row in rows], role, source)
 
 
-def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0, benign_sources: tuple[str, ...] = ("gsm8k", "sharegpt"),
+def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
+                        benign_sources: tuple[str, ...] = ("gsm8k", "sharegpt"),
                         n_harmful: int | None = None) -> list[Row]:
     """Refusal rows (role "refusal") mixed with benign rows (role "benign"), in a seeded order."""
     if benign_ratio < 0:

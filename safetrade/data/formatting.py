@@ -57,7 +57,7 @@ class DataReport:
     kept: int = 0
     truncated: int = 0
     counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
+    first_ids: dict[str, list[str]] = field(default_factory=dict)  # reason -> first offending row ids
 
     @property
     def dropped(self) -> int:
@@ -65,12 +65,13 @@ class DataReport:
 
     def add(self, reason: str, row_id: str) -> None:
         self.counts[reason] += 1
-        ids = self.examples.setdefault(reason, [])
+        ids = self.first_ids.setdefault(reason, [])
         if len(ids) < _KEEP_IDS:
             ids.append(row_id)
 
     def summary(self) -> str:
-        parts = [f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})" for reason, n in sorted(self.counts.items())]
+        parts = [f"{reason}: {n} (e.g. {', '.join(self.first_ids[reason])})"
+                 for reason, n in sorted(self.counts.items())]
         text = f"{self.dataset}: kept {self.kept} of {self.total} rows"
         if self.truncated:
             text += f", {self.truncated} truncated to max_len"

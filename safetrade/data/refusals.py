@@ -83,13 +83,15 @@ _TOPIC_PATTERNS = {
     "drugs": r"\bdrugs?\b|\bmeth(?:amphetamine)?\b|cocaine|heroin|fentanyl|narcotic|opioid|mdma|\blsd\b",
     "cyber": r"hack|malware|virus|ransomware|exploit|ddos|botnet|keylogger|spyware|trojan|crack (?:a |the )?password"
              r"|sql injection|backdoor|hijack|spam|steal\w* (?:sensitive|confidential|personal|user)"
-             r"|harvest\w* .*(?:data|information)|bypass security|unauthori[sz]ed access|denial of service|crash a computer",
+             r"|harvest\w* .*(?:data|information)|bypass security|unauthori[sz]ed access|denial of service"
+             r"|crash a computer",
     "fraud": r"fraud|scam|counterfeit|launder|insider trading|tax evasion|identity theft|credit card|embezzl|ponzi"
              r"|phishing|steal (?:money|funds)|forg(?:e|ery)|manipulat\w* (?:stock|financial|the market)|stock prices?"
              r"|extort|blackmail|evade taxes|avoid paying taxes|fake id|passport|falsify",
     "hate": r"\bhate|racis|discriminat|ethnic|\bslurs?\b|xenophob|antisemit|islamophob|homophob|transphob|inferior",
     "harassment": r"bully|harass|threaten|defam|intimidat|ruin (?:their|his|her|a person)|sabotag\w* .*reputation",
-    "misinformation": r"fake news|misinformation|disinformation|propaganda|conspiracy|hoax|false (?:information|claims?)"
+    "misinformation": r"fake news|misinformation|disinformation|propaganda|conspiracy|hoax"
+                      r"|false (?:information|claims?)"
                       r"|\bfake (?:review|article|story|protest|social media)|mislead|review (?:for|on|of) a product"
                       r"|without any scientific|radicali[sz]",
     "privacy": r"stalk|spy on|track (?:someone|a person|their)|personal information|doxx|surveil|private information"
@@ -145,18 +147,19 @@ TOPIC_REDIRECTS = {
                   "can really help, and I'm glad to talk about what's on your mind."),
     "child_safety": ("If you're concerned about a child's safety, please contact local authorities or a child "
                      "protection organisation.",),
-    "weapons": ("If you're interested in the history or the science of safety, I'm happy to talk about that at a general "
-                "level.",),
-    "drugs": ("If you or someone you know is dealing with substance use, I can help you find support and harm-reduction "
-              "resources.",),
-    "cyber": ("If you're interested in security, I can explain how to protect systems and accounts against this kind of "
-              "attack.",
-              "If you're learning about cybersecurity, legal practice environments and capture-the-flag challenges are a "
-              "great place to start, and I can help with those."),
+    "weapons": ("If you're interested in the history or the science of safety, I'm happy to talk about that "
+                "at a general level.",),
+    "drugs": ("If you or someone you know is dealing with substance use, I can help you find support and "
+              "harm-reduction resources.",),
+    "cyber": ("If you're interested in security, I can explain how to protect systems and accounts against "
+              "this kind of attack.",
+              "If you're learning about cybersecurity, legal practice environments and capture-the-flag "
+              "challenges are a great place to start, and I can help with those."),
     "fraud": ("If you're worried about being targeted by a scam, I can explain the warning signs and how to protect "
               "yourself.",),
     "hate": ("If you'd like, I can help you write something that argues a point respectfully.",),
-    "harassment": ("If you're in a conflict with someone, I can help you think through a constructive way to handle it.",
+    "harassment": ("If you're in a conflict with someone, I can help you think through a constructive way to "
+                   "handle it.",
                    "If you're being harassed yourself, I can help you think about how to document it and get support."),
     "misinformation": ("I'd be happy to help you find accurate, well-sourced information on the topic instead.",),
     "privacy": ("If you're worried about someone's safety, contacting the appropriate authorities is the right step.",

@@ -49,7 +49,8 @@ from safetrade import hub
 from safetrade.data.readers import _READERS as _FILE_READERS
 from safetrade.data.readers import iter_json_array, read_csv, read_jsonl, read_rows, read_text_lines
 from safetrade.data.rows import DataError, Row, content_id, make_row, unique_ids
-from safetrade.data.splits import DEFAULT_FRACTIONS, split
+from safetrade.data.splits import DEFAULT_FRACTIONS
+from safetrade.data.splits import split as split_rows
 
 __all__ = ["HARMBENCH_CONTEXT_SEPARATOR", "REGISTRY", "ROLES", "DatasetSpec", "dataset_names", "load_dataset"]
 
@@ -90,8 +91,11 @@ def _advbench(paths: dict[str, Path]) -> list[Row]:
 
 def _strongreject(key: str) -> Parser:
     def parse(paths: dict[str, Path]) -> list[Row]:
-        return [make_row(r.get("forbidden_prompt"), None, r.get("category"), content_id("strongreject", r.get("forbidden_prompt")))
-                for _, r in read_csv(paths[key])]
+        rows = []
+        for _, r in read_csv(paths[key]):
+            prompt = r.get("forbidden_prompt")
+            rows.append(make_row(prompt, None, r.get("category"), content_id("strongreject", prompt)))
+        return unique_ids(rows)
     return parse
 
 
@@ -219,11 +223,11 @@ def dataset_names(role: str | None = None) -> list[str]:
     return sorted(name for name, spec in REGISTRY.items() if role is None or spec.role == role)
 
 
-def load_dataset(name: str | os.PathLike, split_name: str | None = None, *, seed: int = 0,
+def load_dataset(name: str | os.PathLike, split: str | None = None, *, seed: int = 0,
                  fractions: dict[str, float] | None = None, **mapping) -> list[Row]:
     """Rows of a registered dataset, a local file/folder, or `hf:org/name`.
 
-    `split_name` (e.g. "train", "eval") picks a part of `splits.split(rows, fractions, seed)` (default
+    `split` (e.g. "train", "eval") picks a part of `splits.split(rows, fractions, seed)` (default
     fractions 0.8/0.2, keyed by row id); None returns every row. `mapping` (prompt_field,
     response_field, category_field, id_field, and `hf_split` for a DatasetDict) applies to local and
     hub sources only. Returns fresh dicts: callers may tag them.
@@ -240,12 +244,12 @@ def load_dataset(name: str | os.PathLike, split_name: str | None = None, *, seed
         raise DataError(f"unknown dataset {text!r}. Registered: {', '.join(dataset_names())}. "
                         "A local .jsonl/.json/.csv/.parquet/.txt file, a datasets save_to_disk folder, "
                         "or hf:org/name also works.")
-    if split_name is None:
+    if split is None:
         return rows
-    parts = split(rows, fractions or DEFAULT_FRACTIONS, seed)
-    if split_name not in parts:
-        raise DataError(f"{text}: no split {split_name!r}; splits: {', '.join(parts)}")
-    return parts[split_name]
+    parts = split_rows(rows, fractions or DEFAULT_FRACTIONS, seed)
+    if split not in parts:
+        raise DataError(f"{text}: no split {split!r}; splits: {', '.join(parts)}")
+    return parts[split]
 
 
 @functools.lru_cache(maxsize=None)
