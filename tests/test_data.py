@@ -219,7 +219,7 @@ def test_skip_policy_counts_every_reason(tiny):
     assert [e["id"] for e in examples] == ["good"]
     assert dict(report.counts) == {"missing_response": 1, "missing_prompt": 1, "empty_response": 1,
                                    "special_token": 1, "too_long": 1}
-    assert report.first_ids["too_long"] == ["long"] and report.dropped == 5 and report.kept == 1
+    assert report.first_ids["too_long"] == report.examples["too_long"] == ["long"] and report.dropped == 5 and report.kept == 1
     assert "too_long: 1 (e.g. long)" in report.summary()
 
 

@@ -60,6 +60,11 @@ class DataReport:
     first_ids: dict[str, list[str]] = field(default_factory=dict)  # reason -> first offending row ids
 
     @property
+    def examples(self) -> dict[str, list[str]]:
+        """Alias of `first_ids` (the name safetrade.train.jobs reads)."""
+        return self.first_ids
+
+    @property
     def dropped(self) -> int:
         return sum(self.counts.values())
 
