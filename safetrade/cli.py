@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="dtype of the written weights (default: float32)")
 
+    for name, default, what in (
+        ("align", "experiments/configs/align.yaml", "refusal-SFT the unaligned base model on the built-in alignment set"),
+        ("finetune", "experiments/configs/finetune.yaml",
+         "fine-tune an aligned model with a strategy: sft, case1_penalty, case1_constrained, case2_projection, "
+         "case2_penalty"),
+    ):
+        job = sub.add_parser(name, help=what, description=what + ". Settings come from --config (YAML), then "
+                             "dotted overrides such as optim.lr=1e-4 strategy.name=case1_penalty strategy.lam=1. "
+                             "The resolved config is written to OUT_DIR/config.yaml; re-running the same command "
+                             "resumes from the newest checkpoint there.")
+        job.add_argument("--config", type=Path, default=Path(default), help=f"YAML job config (default: {default})")
+        job.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="dotted overrides of config keys, e.g. steps=50 data.batch_size=4 lora.enabled=true")
+        job.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
     demo = sub.add_parser("demo", help="the main job on the embedded default model",
                           description="Load the embedded default model and answer a few benign and harmful "
                                       "prompts (the full align -> fine-tune -> evaluate demo replaces this).")
@@ -147,7 +162,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo}
+def cmd_train_job(args) -> int:
+    from safetrade import config
+    from safetrade.train.jobs import run_train_job
+
+    job = config.load(config.TrainJob, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(job), sort_keys=False))
+        return 0
+    summary = run_train_job(job)
+    print(json.dumps({k: summary[k] for k in ("out_dir", "strategy", "eval_before", "eval_after", "seconds")},
+                     indent=2))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+            "finetune": cmd_train_job}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,3 +114,23 @@ def test_divergence_stops_with_a_clear_error(tmp_path):
     state = step_lib.init_state(params, tx, strategy)
     with pytest.raises(loop.TrainingDiverged, match=r"step \d+: non-finite .*loss_cap.*last good checkpoint is step 1"):
         loop.run(fn, state, {}, batches, loop.LoopConfig(steps=5, save_every=1, progress=False), tmp_path)
+
+
+def test_lora_case2_projection_bounds_the_merged_update():
+    from safetrade.models import lora
+
+    r = 0.02
+    base = llama.init(CFG, jax.random.key(0))
+    cfg, full = lora.add_adapters(CFG, base, llama.LoraConfig(rank=4, alpha=8, targets=("q_proj", "down_proj")),
+                                  jax.random.key(1))
+    base, adapters = lora.split(full)
+    strategy = StrategyConfig("case2_projection", radius=r)
+    tx = optax.adam(5e-2)
+    fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy, lora=True))
+    state = step_lib.init_state(adapters, tx, strategy)
+    frozen = step_lib.make_frozen(base=base)
+    for k in range(4):
+        state, metrics = fn(state, batches(k), frozen)
+        assert float(jnp.sqrt(lora.delta_sqnorm(cfg, state.params))) <= r * (1 + 1e-5)
+    assert float(metrics["distance"]) > 0.5 * r
+    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)  # only adapters were trained

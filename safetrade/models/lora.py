@@ -394,3 +394,17 @@ def load_peft(directory: str | os.PathLike, cfg: LlamaConfig, params: Params) ->
             sharding = None if shardings is None else io._tree_get(shardings, path)
             io._tree_set(adapters, path, io._place(host, sharding))
     return lora_cfg, combine(params, adapters)
+
+
+def scale_b(params: Params, factors: Params) -> Params:
+    """Multiply each targeted module's lora_b by its factor; `factors` has delta()'s paths ({..., "kernel": f}).
+
+    ΔW = scale·A·B is linear in B, so this scales each merged update by exactly f: how Case II keeps a LoRA run
+    inside ‖ΔW‖ ≤ r without touching A.
+    """
+    out = jax.tree.map(lambda x: x, params)
+    for path, factor in jax.tree_util.tree_flatten_with_path(factors)[0]:
+        keys = tuple(getattr(k, "key", k) for k in path)[:-1]  # drop the trailing "kernel"
+        module = io._tree_get(out, keys)
+        module["lora_b"] = (module["lora_b"].astype(jnp.float32) * factor).astype(module["lora_b"].dtype)
+    return out

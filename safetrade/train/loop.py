@@ -53,7 +53,6 @@ def run(
     cfg: LoopConfig,
     out_dir: str | os.PathLike | None = None,
     evaluate: Callable[[Any], dict[str, float]] | None = None,
-    tokens_per_step: int = 0,
 ):
     """Train from `state` (or the newest checkpoint in out_dir/checkpoints) to cfg.steps; return the final state.
 
@@ -73,7 +72,7 @@ def run(
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, desc="train")
     last_good = start
     try:
-        t0, done_since = time.perf_counter(), 0
+        t0, tokens_since = time.perf_counter(), 0.0
         for k in range(start, cfg.steps):
             state, metrics = step_fn(state, batches(k), frozen)
             scalars = _scalars(metrics)  # one host sync per step: divergence is caught at the step it happens
@@ -84,11 +83,10 @@ def run(
                     f"is step {last_good}" + (f" in {ckpt.directory}" if ckpt else "")
                     + ". Lower the learning rate or enable clipping."
                 )
-            done_since += 1
-            elapsed = time.perf_counter() - t0
             record = {"step": k + 1, **scalars}
-            if tokens_per_step:
-                record["tokens_per_s"] = tokens_per_step * done_since / max(elapsed, 1e-9)
+            if "tokens" in scalars:  # real (non-padding) tokens, averaged since start or resume
+                tokens_since += scalars["tokens"]
+                record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
             is_last = k + 1 == cfg.steps
             if evaluate is not None and (is_last or (cfg.eval_every and (k + 1) % cfg.eval_every == 0)):
                 record.update({f"eval/{name}": v for name, v in evaluate(state).items()})

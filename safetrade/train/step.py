@@ -97,7 +97,8 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, strategy
         (grads, cap_loss, proxy_loss), _ = jax.lax.scan(
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro
         )
-        metrics = {"loss_cap": cap_loss, "lam": state.strategy["lam"]}
+        metrics = {"loss_cap": cap_loss, "lam": state.strategy["lam"],
+                   "tokens": sum(b["attention_mask"].sum() for b in batch.values()).astype(jnp.float32)}
         if strategy.uses_proxy:
             metrics["loss_proxy"] = proxy_loss
         if strategy.name == "case2_penalty":
@@ -124,7 +125,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, strategy
             return params
         if not lora:
             return strategies.project_full(strategy, params, frozen["anchor"])
-        # Δ = scale·A·B is linear in B: scaling a kernel's B by f scales its merged update by f exactly.
+        # The constraint is on the merged update ΔW = scale·A·B, linear in B: shrink B.
         factors = strategies.ball_factors(strategy, displacement(params, frozen))
         return lora_lib.scale_b(params, factors)
 

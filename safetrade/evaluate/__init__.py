@@ -1,0 +1,1 @@
+"""Evaluation: safety (refusals, attack success) and utility (losses, task accuracy)."""

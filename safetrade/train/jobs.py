@@ -1,0 +1,234 @@
+"""Training jobs from a `config.TrainJob`: model + data + strategy -> checkpoints, metrics, an exported model.
+
+    safetrade align    --config experiments/configs/align.yaml      (refusal SFT of the unaligned base model)
+    safetrade finetune --config experiments/configs/finetune.yaml strategy.name=case1_penalty strategy.lam=1
+
+A run directory holds config.yaml (the resolved config: re-run it to reproduce), metrics.jsonl, data_report.json,
+checkpoints/ (orbax, resumable), and at the end hf/ (merged HF safetensors + tokenizer) and, for LoRA, adapter/
+(PEFT format).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import optax
+
+from safetrade import config as config_lib, parallel
+from safetrade.errors import SafetradeError
+from safetrade.models import io, llama
+from safetrade.train import loop, step as step_lib
+from safetrade.train.losses import lm_loss_sum
+
+log = logging.getLogger(__name__)
+
+BUILT_SETS = ("alignment", "proxy", "capability", "attack")
+
+
+def make_optimizer(opt: config_lib.OptimSection, steps: int) -> optax.GradientTransformation:
+    if opt.schedule == "constant":
+        schedule = optax.constant_schedule(opt.lr)
+    elif opt.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, opt.lr, opt.warmup_steps,
+                                                      max(steps, opt.warmup_steps + 1))
+    elif opt.schedule == "linear":
+        schedule = optax.linear_schedule(opt.lr, 0.0, max(steps, 1))
+    else:
+        raise SafetradeError(f"optim.schedule {opt.schedule!r}; choose constant, cosine or linear")
+    if opt.warmup_steps and opt.schedule != "cosine":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, opt.lr, opt.warmup_steps), schedule],
+                                        [opt.warmup_steps])
+    if opt.name == "adamw":
+        core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    elif opt.name == "adam":
+        core = optax.adam(schedule, b1=opt.b1, b2=opt.b2)
+    elif opt.name == "sgd":
+        core = optax.sgd(schedule)
+    else:
+        raise SafetradeError(f"optim.name {opt.name!r}; choose adamw, adam or sgd")
+    return optax.chain(optax.clip_by_global_norm(opt.clip_norm), core) if opt.clip_norm > 0 else core
+
+
+@lru_cache(maxsize=4)
+def _safety_data(seed: int, n_attack: int, benign_ratio: float):
+    from safetrade.data import build_safety_data
+
+    return build_safety_data(seed, benign_ratio=benign_ratio, n_attack=n_attack)
+
+
+def rows_for(name: str, data: config_lib.DataSection):
+    """Rows of a built set (alignment | proxy | capability | attack), a registry name, or a local file."""
+    if name in BUILT_SETS:
+        return list(getattr(_safety_data(data.seed, data.n_attack, data.benign_ratio), name))
+    from safetrade.data import load_dataset
+
+    return load_dataset(name)
+
+
+def held_out(rows, n: int, seed: int):
+    """(train rows, n held-out rows): a stable hashed cut, so the same rows are held out on every run."""
+    from safetrade.data import stable_order
+
+    ordered = stable_order(rows, seed=f"heldout-{seed}")
+    n = min(n, len(ordered) // 5)
+    return ordered[n:], ordered[:n]
+
+
+class Batches:
+    """batch(k) for step k, a pure function of k: epoch k // per_epoch, shuffled from (seed, epoch)."""
+
+    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, max_len: int):
+        from safetrade.data import bucket_lengths, num_batches
+
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.buckets = bucket_lengths(max_len)
+        self.per_epoch = num_batches(len(examples), batch_size)
+        if self.per_epoch == 0:
+            raise SafetradeError(f"{len(examples)} usable examples make no batch of {batch_size}")
+        self._epoch, self._cache = None, []
+
+    def __call__(self, k: int):
+        from safetrade.data import epoch_batches
+
+        epoch, index = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._cache = list(epoch_batches(self.examples, self.batch_size, epoch=epoch, seed=self.seed,
+                                             buckets=self.buckets, pad_id=self.pad_id))
+            self._epoch = epoch
+        return self._cache[index]
+
+
+def _encode(tokenizer, rows, data: config_lib.DataSection, name: str, reports: dict):
+    from safetrade.data import encode_rows
+
+    examples, report = encode_rows(tokenizer, rows, max_len=data.max_len, policy=data.bad_rows, dataset=name)
+    reports[name] = {"total": report.total, "kept": report.kept, "truncated": report.truncated,
+                     "dropped": {str(reason): n for reason, n in report.counts.items()},
+                     "dropped_examples": {str(reason): ids for reason, ids in report.examples.items()}}
+    log.info("%s", report.summary())
+    return examples
+
+
+def mean_loss(cfg, params, batches) -> float:
+    """Token-mean loss over a list of batches (exact: sums and counts are accumulated)."""
+    fn = jax.jit(lambda p, b: lm_loss_sum(cfg, p, b))
+    total = count = 0.0
+    for b in batches:
+        s, c = fn(params, b)
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def run_train_job(job: config_lib.TrainJob) -> dict:
+    from safetrade.data import make_batch
+    from safetrade.models import lora as lora_lib
+    from safetrade.tokenizer import load_tokenizer
+
+    parallel.initialize_distributed()
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save(job, out / "config.yaml")
+    mesh = parallel.make_mesh(job.mesh.data, job.mesh.fsdp, job.mesh.tensor)
+    started = time.perf_counter()
+
+    base_cfg, params = io.load_model(job.model.name, mesh=mesh, dtype=job.model.dtype,
+                                     param_dtype=job.model.param_dtype, remat=job.model.remat)
+    tokenizer = load_tokenizer(job.model.name)
+    if len(tokenizer) > base_cfg.vocab_size:
+        raise SafetradeError(f"tokenizer of {job.model.name} has {len(tokenizer)} tokens but the model's vocab is "
+                             f"{base_cfg.vocab_size}: they do not belong together")
+    pad_id = tokenizer.pad_token_id or 0
+
+    strategy = job.strategy
+    data = job.data
+    reports: dict = {}
+    train_rows, _ = held_out(rows_for(data.train, data), data.eval_rows, data.seed)
+    train_examples = _encode(tokenizer, train_rows, data, data.train, reports)
+    global_batch = data.batch_size * data.accum_steps
+    cap_batches = Batches(train_examples, global_batch, data.seed, pad_id, data.max_len)
+    proxy_batches = None
+    if strategy.uses_proxy:
+        proxy_rows, _ = held_out(rows_for(data.proxy, data), data.eval_rows, data.seed)
+        proxy_batches = Batches(_encode(tokenizer, proxy_rows, data, data.proxy, reports), global_batch,
+                                data.seed + 1, pad_id, data.max_len)
+
+    eval_batches = {}
+    for name in data.eval_sets:
+        _, rows = held_out(rows_for(name, data), data.eval_rows, data.seed)
+        examples = _encode(tokenizer, rows, data, f"eval/{name}", reports)
+        eval_batches[name] = [make_batch(examples[i:i + data.batch_size], data.max_len, pad_id=pad_id)
+                              for i in range(0, len(examples), data.batch_size)]
+    (out / "data_report.json").write_text(json.dumps(reports, indent=2, default=str) + "\n")
+
+    proxy_bound = None
+    if strategy.name == "case1_constrained":
+        held = eval_batches.get(data.proxy) or [proxy_batches(0)]
+        proxy_bound = mean_loss(base_cfg, params, held) + strategy.epsilon
+        log.warning("case1_constrained: L_proxy(θ_aligned) + ε = %.4f", proxy_bound)
+
+    tx = make_optimizer(job.optim, job.steps)
+    if job.lora.enabled:
+        lcfg = llama.LoraConfig(job.lora.rank, job.lora.alpha, tuple(job.lora.targets))
+        cfg, full = lora_lib.add_adapters(base_cfg, params, lcfg, jax.random.key(job.seed))
+        base, trainable = lora_lib.split(full)
+        frozen = step_lib.make_frozen(base=base, proxy_bound=proxy_bound)
+        axes = lora_lib.split(llama.logical_axes(cfg))[1]
+    else:
+        cfg, trainable = base_cfg, params
+        anchor = jax.tree.map(lambda x: x.copy(), params) if strategy.uses_anchor else None
+        frozen = step_lib.make_frozen(anchor=anchor, proxy_bound=proxy_bound)
+        axes = llama.logical_axes(cfg)
+
+    param_shardings = parallel.param_shardings(axes, trainable, mesh)
+    state = step_lib.init_state(trainable, tx, strategy, seed=job.seed)
+    shardings = step_lib.state_shardings(state, param_shardings, mesh, tx)
+    state = jax.device_put(state, shardings)
+    frozen_shardings = step_lib.frozen_shardings_for(frozen, base_cfg, mesh)
+    step_fn = step_lib.jit_train_step(
+        step_lib.make_train_step(cfg, tx, strategy, accum_steps=data.accum_steps, lora=job.lora.enabled),
+        mesh, shardings, frozen_shardings,
+    )
+
+    def full_params(state):
+        return lora_lib.combine(frozen["base"], state.params) if job.lora.enabled else state.params
+
+    def evaluate(state):
+        params_now = full_params(state)
+        return {f"loss_{name}": mean_loss(cfg, params_now, batches) for name, batches in eval_batches.items()}
+
+    def batches(k):
+        batch = {"cap": cap_batches(k)}
+        if proxy_batches is not None:
+            batch["proxy"] = proxy_batches(k)
+        return {name: parallel.host_local_batch_to_global(_host_rows(part), mesh) for name, part in batch.items()}
+
+    before = evaluate(state)
+    state = loop.run(step_fn, state, frozen, batches,
+                     loop.LoopConfig(steps=job.steps, log_every=job.log_every, eval_every=job.eval_every,
+                                     save_every=job.save_every, keep_checkpoints=job.keep_checkpoints),
+                     out, evaluate)
+    after = evaluate(state)
+
+    final = full_params(state)
+    export_cfg = cfg
+    if job.lora.enabled:
+        lora_lib.save_peft(out / "adapter", cfg, state.params, base_model_name_or_path=str(job.model.name))
+        export_cfg, final = lora_lib.merge(cfg, final)
+    io.save_hf(out / "hf", export_cfg, final, tokenizer=tokenizer)
+    summary = {"out_dir": str(out), "steps": job.steps, "strategy": job.strategy.name, "lora": job.lora.enabled,
+               "eval_before": before, "eval_after": after, "seconds": time.perf_counter() - started,
+               "devices": jax.device_count(), "rows_kept": {k: v["kept"] for k, v in reports.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _host_rows(batch):
+    from safetrade.data import host_slice
+
+    return host_slice(batch, jax.process_index(), jax.process_count())
+
