@@ -1,0 +1,98 @@
+"""Refusal rates and benign loss of one or more models on held-out sets; JSON result + PNG bar chart.
+
+    python experiments/safety_eval.py --model smollm2-135m-instruct --model runs/align/hf --out runs/align_eval
+
+For each model: keyword refusal rate on held-out harmful prompts (StrongREJECT + HarmBench-eval, never used for
+alignment), refusal rate on held-out benign prompts (GSM8K-eval + ShareGPT-eval: over-refusal), and the token-mean
+loss on held-out benign responses (GSM8K-eval worked answers). Greedy decoding, 48 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def evaluate_model(model: str, n_harmful: int, n_benign: int, max_new_tokens: int, batch_size: int, seed: int):
+    from safetrade.data import build_safety_data, encode_rows, make_batch, take
+    from safetrade.evaluate.refusal import refusal_rate
+    from safetrade.models import io
+    from safetrade.tokenizer import load_tokenizer
+    from safetrade.train.jobs import mean_loss
+
+    data = build_safety_data(seed)
+    cfg, params = io.load_model(model)
+    tok = load_tokenizer(model)
+    harmful = [r["prompt"] for r in take(data.eval_harmful, n_harmful, seed=seed)]
+    benign_rows = take(data.eval_benign, n_benign, seed=seed)
+    benign = [r["prompt"] for r in benign_rows]
+    start = time.perf_counter()
+    harm = refusal_rate(cfg, params, tok, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        desc="harmful")
+    ben = refusal_rate(cfg, params, tok, benign, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       desc="benign")
+    with_answers = [r for r in data.eval_benign if r.get("response") and r.get("source", "").startswith("gsm8k")]
+    examples, _ = encode_rows(tok, take(with_answers, n_benign, seed=seed), max_len=384, dataset="benign-loss")
+    batches = [make_batch(examples[i:i + 8], 384, pad_id=tok.pad_token_id or 0) for i in range(0, len(examples), 8)]
+    return {
+        "model": model,
+        "harmful_refusal_rate": harm["refusal_rate"],
+        "benign_refusal_rate": ben["refusal_rate"],
+        "benign_answer_rate": 1.0 - ben["refusal_rate"],
+        "benign_loss": mean_loss(cfg, params, batches),
+        "n_harmful": harm["n"], "n_benign": ben["n"], "n_benign_loss_rows": len(examples),
+        "seconds": time.perf_counter() - start,
+        "samples": {"harmful": harm["samples"][:20], "benign": ben["samples"][:20]},
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.get("label") or (Path(r["model"]).parent.name if "/" in r["model"] else r["model"]) for r in results]
+    metrics = [("harmful_refusal_rate", "refusal on held-out harmful"), ("benign_answer_rate", "answers benign")]
+    x = np.arange(len(results))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, (key, label) in enumerate(metrics):
+        ax.bar(x + (k - 0.5) * 0.35, [r[key] for r in results], 0.35, label=label)
+    ax.set_xticks(x, names, rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate (keyword judge)")
+    ax.legend()
+    ax2.bar(x, [r["benign_loss"] for r in results], color="gray")
+    ax2.set_xticks(x, names, rotation=15)
+    ax2.set_ylabel("loss on held-out benign answers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="model to evaluate (repeatable)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for result.json and result.png")
+    parser.add_argument("--n-harmful", type=int, default=100, help="held-out harmful prompts (default 100)")
+    parser.add_argument("--n-benign", type=int, default=100, help="held-out benign prompts (default 100)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per reply (default 48)")
+    parser.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [evaluate_model(m, args.n_harmful, args.n_benign, args.max_new_tokens, args.batch_size, args.seed)
+               for m in args.model]
+    (args.out / "result.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "results": results}, indent=2) + "\n")
+    plot(results, args.out / "result.png")
+    for r in results:
+        print(f"{r['model']}: harmful refusal {r['harmful_refusal_rate']:.1%}, benign answered "
+              f"{r['benign_answer_rate']:.1%}, benign loss {r['benign_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
