@@ -63,9 +63,9 @@ def plot(results: list[dict], path: Path) -> None:
     for k, (key, label) in enumerate(metrics):
         ax.bar(x + (k - 0.5) * 0.35, [r[key] for r in results], 0.35, label=label)
     ax.set_xticks(x, names, rotation=15)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)
     ax.set_ylabel("rate (keyword judge)")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
     ax2.bar(x, [r["benign_loss"] for r in results], color="gray")
     ax2.set_xticks(x, names, rotation=15)
     ax2.set_ylabel("loss on held-out benign answers")
