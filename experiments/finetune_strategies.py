@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safety_eval import evaluate_model, plot
+from safety_eval import evaluate_model, report
 
 DEFAULT_STRATEGIES = ("sft", "case1_penalty:lam=1.0", "case2_projection:radius=1.0")
 
@@ -52,12 +52,7 @@ def main(argv=None) -> None:
     results = [evaluate_model(m, args.n_harmful, args.n_benign, 48, 16, 0) for m in models]
     for r, label in zip(results, ["aligned", *trainings]):
         r["label"] = label
-    (args.out / "result.json").write_text(json.dumps({"trainings": trainings, "results": results}, indent=2,
-                                                     default=str) + "\n")
-    plot(results, args.out / "result.png")
-    for r in results:
-        print(f"{r['label']}: harmful refusal {r['harmful_refusal_rate']:.1%}, benign answered "
-              f"{r['benign_answer_rate']:.1%}, benign loss {r['benign_loss']:.4f}")
+    report(results, args.out, {"trainings": trainings})
 
 
 if __name__ == "__main__":

@@ -86,11 +86,15 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(m, args.n_harmful, args.n_benign, args.max_new_tokens, args.batch_size, args.seed)
                for m in args.model]
-    (args.out / "result.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                      "results": results}, indent=2) + "\n")
-    plot(results, args.out / "result.png")
+    report(results, args.out, {"args": {k: str(v) for k, v in vars(args).items()}})
+
+
+def report(results: list[dict], out: Path, extra: dict) -> None:
+    """result.json (+ `extra`), result.png, and one printed line per model."""
+    (out / "result.json").write_text(json.dumps({**extra, "results": results}, indent=2, default=str) + "\n")
+    plot(results, out / "result.png")
     for r in results:
-        print(f"{r['model']}: harmful refusal {r['harmful_refusal_rate']:.1%}, benign answered "
+        print(f"{r.get('label') or r['model']}: harmful refusal {r['harmful_refusal_rate']:.1%}, benign answered "
               f"{r['benign_answer_rate']:.1%}, benign loss {r['benign_loss']:.4f}")
 
 

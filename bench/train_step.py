@@ -1,0 +1,124 @@
+"""Train-step throughput of SmolLM2-135M (full fine-tuning and LoRA) against transformers + torch, in one run.
+
+    python bench/train_step.py --torch-python .venv-torch/bin/python        # make bench-train does this
+
+Both sides read the same fp32 weights (safetrade writes an HF dir first), take AdamW steps on the same random
+[batch, seq] token batch with every position a target, and report tokens/s as the median over --steps timed steps
+after --warmup untimed ones. Model FLOPs use MaxText's convention: 6·N per token for the weights plus causal
+attention, 6·L·B·S²·H·Dh per step (forward QKᵀ and PV, halved for the causal mask, ×3 for the backward pass).
+With --peak-tflops the MFU is printed too (e.g. 989 for an H100's dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_flops_per_step(cfg, batch: int, seq: int, trainable_fraction: float = 1.0) -> float:
+    weights = 6 * cfg.num_params * batch * seq
+    attention = 6 * cfg.num_layers * batch * seq * seq * cfg.num_heads * cfg.head_dim
+    return weights + attention
+
+
+def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, lora: bool, dtype: str):
+    import jax
+    import numpy as np
+    import optax
+
+    sys.path.insert(0, str(ROOT))
+    from safetrade.models import io, llama
+    from safetrade.models import lora as lora_lib
+    from safetrade.train import step as step_lib
+    from safetrade.train.strategies import StrategyConfig
+
+    cfg, params = io.load_model(model, dtype=dtype)
+    tx = optax.adamw(1e-5)
+    strategy = StrategyConfig("sft")
+    frozen = {}
+    if lora:
+        cfg, params = lora_lib.add_adapters(cfg, params, llama.LoraConfig(8, 16.0, ("q_proj", "v_proj")),
+                                            jax.random.key(0))
+        base, params = lora_lib.split(params)
+        frozen = step_lib.make_frozen(base=base)
+    fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy, lora=lora), donate_argnums=0)
+    state = step_lib.init_state(params, tx, strategy)
+    rng = np.random.default_rng(0)
+    batch_arrays = {"cap": {"input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
+                            "attention_mask": np.ones((batch, seq), np.int32),
+                            "loss_mask": np.ones((batch, seq), np.float32)}}
+    times = []
+    for k in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = fn(state, batch_arrays, frozen)
+        jax.block_until_ready(metrics["loss_cap"])
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return cfg, batch * seq / statistics.median(times), float(metrics["loss_cap"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (master weights float32)")
+    parser.add_argument("--torch-python", default=None, help="python of a venv with torch + transformers (+ peft)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, for MFU (0: not printed)")
+    parser.add_argument("--json", default=None, help="also write results here")
+    args = parser.parse_args(argv)
+
+    rows = []
+    torch_results = {}
+    if args.torch_python:
+        sys.path.insert(0, str(ROOT))
+        from safetrade.models import io
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg, params = io.load_model(args.model)
+            io.save_hf(tmp, cfg, params)
+            del params
+            cmd = [args.torch_python, str(ROOT / "bench" / "torch_train_step.py"), tmp, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                torch_results = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:
+                print(f"torch baseline failed, safetrade numbers only:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    for lora in (False, True):
+        cfg, tps, loss = bench_safetrade(args.model, args.batch, args.seq, args.steps, args.warmup, lora, args.dtype)
+        name = "lora" if lora else "full"
+        flops = model_flops_per_step(cfg, args.batch, args.seq) * tps / (args.batch * args.seq)
+        ref = torch_results.get(name)
+        rows.append({"step": name, "safetrade_tokens_per_s": tps, "torch_tokens_per_s": ref,
+                     "ratio": tps / ref if ref else None, "model_tflops_per_s": flops / 1e12,
+                     "mfu": flops / 1e12 / args.peak_tflops if args.peak_tflops else None, "loss": loss})
+
+    import jax
+
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, cpus {os.cpu_count()}, "
+          f"batch {args.batch} x {args.seq}, {args.dtype}, AdamW, {time.strftime('%Y-%m-%d')}")
+    print(f"{'step':<6}{'safetrade tok/s':>17}{'torch tok/s':>13}{'ratio':>8}{'model TFLOP/s':>15}{'MFU':>8}")
+    for r in rows:
+        torch_tps = f"{r['torch_tokens_per_s']:.1f}" if r["torch_tokens_per_s"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        print(f"{r['step']:<6}{r['safetrade_tokens_per_s']:>17.1f}{torch_tps:>13}{ratio:>8}"
+              f"{r['model_tflops_per_s']:>15.4f}{mfu:>8}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
