@@ -134,3 +134,41 @@ def test_lora_case2_projection_bounds_the_merged_update():
         assert float(jnp.sqrt(lora.delta_sqnorm(cfg, state.params))) <= r * (1 + 1e-5)
     assert float(metrics["distance"]) > 0.5 * r
     assert jax.tree.structure(state.params) == jax.tree.structure(adapters)  # only adapters were trained
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    from safetrade.train.checkpoint import CheckpointRestoreError, Checkpoints, abstract_like
+
+    params = llama.init(CFG, jax.random.key(0))
+    tx = optax.adam(1e-3)
+    strategy = StrategyConfig("sft")
+    fn = jax.jit(step_lib.make_train_step(CFG, tx, strategy))
+    state = step_lib.init_state(params, tx, strategy)
+    loop.run(fn, state, {}, batches, loop.LoopConfig(steps=4, save_every=2, progress=False), tmp_path)
+    newest = tmp_path / "checkpoints" / "4"
+    for f in newest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file of step 4
+    ckpt = Checkpoints(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointRestoreError, match=r"checkpoints/4: cannot restore checkpoint"):
+        ckpt.restore(4, abstract_like(state))
+    step, restored = ckpt.restore_latest(abstract_like(state))
+    assert step == 2 and int(restored.step) == 2
+    assert "trying an older checkpoint" in caplog.text
+
+
+def test_tokenizer_and_model_vocab_mismatch_is_refused(tmp_path, smollm2_gguf):
+    import shutil
+
+    from safetrade import config
+    from safetrade.errors import SafetradeError
+    from safetrade.tokenizer import load_tokenizer
+    from safetrade.train.jobs import run_train_job
+    from tests.conftest import GOLDEN
+
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(GOLDEN / "tiny_gqa_tied", model_dir)
+    load_tokenizer(smollm2_gguf).save_pretrained(str(model_dir))  # 49152 tokens for a 256-token model
+    job = config.load(config.TrainJob, None, [f"model.name={model_dir}", f"out_dir={tmp_path / 'run'}", "steps=1"])
+    with pytest.raises(SafetradeError, match="49152 tokens but the model's vocab is 256"):
+        run_train_job(job)
