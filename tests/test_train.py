@@ -172,3 +172,18 @@ def test_tokenizer_and_model_vocab_mismatch_is_refused(tmp_path, smollm2_gguf):
     job = config.load(config.TrainJob, None, [f"model.name={model_dir}", f"out_dir={tmp_path / 'run'}", "steps=1"])
     with pytest.raises(SafetradeError, match="49152 tokens but the model's vocab is 256"):
         run_train_job(job)
+
+
+def test_bf16_compute_with_fp32_master_weights_trains():
+    cfg = CFG.replace(dtype="bfloat16", remat=True)
+    params = llama.init(cfg, jax.random.key(0))
+    tx = optax.adam(1e-2)
+    strategy = StrategyConfig("sft")
+    fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy))
+    state = step_lib.init_state(params, tx, strategy)
+    first = None
+    for _ in range(15):
+        state, metrics = fn(state, batches(0), {})
+        first = first or float(metrics["loss_cap"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # masters stay fp32
+    assert float(metrics["loss_cap"]) < 0.7 * first
