@@ -157,7 +157,7 @@ def delta(cfg: LlamaConfig, params: Params) -> Params:
     """The merged update ΔW = scale · A @ B of every targeted kernel, float32, as {..., "q_proj": {"kernel": ΔW}}.
 
     `params` may be the full params or the adapters alone (only lora_a/lora_b are read). The tree has the same
-    paths as the targeted kernels, so `optax.global_norm(delta(cfg, adapters))` is ‖θ_merged − θ_base‖₂.
+    paths as the targeted kernels, so `optax.tree.norm(delta(cfg, adapters))` is ‖θ_merged − θ_base‖₂.
     """
     lora = _require_lora(cfg, "delta")
     out: dict[str, Any] = {}

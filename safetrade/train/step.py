@@ -113,7 +113,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, strategy
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params = _constrain(params, frozen)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if strategy.uses_anchor or lora:
             metrics["distance"] = jnp.sqrt(strategies.sq_norm(displacement(params, frozen)))
         new_strategy = strategies.dual_update(strategy, state.strategy, proxy_loss, frozen.get("proxy_bound", 0.0))
