@@ -66,6 +66,8 @@ class DataSection:
     bad_rows: str = "skip"  # skip | error | truncate
     n_attack: int = 100  # rows of the harmful Q+A attack set
     benign_ratio: float = 1.0  # benign rows per refusal row in the alignment set
+    rephrased: float = 0.0  # share of alignment prompts added again rewritten as questions (data/rephrase.py)
+    group_by_length: bool = True  # batch rows of similar length together (less padding)
     seed: int = 0
 
 

@@ -175,12 +175,23 @@ def with_refusals(rows: list[Row], seed: int | str, source: str, role: str = "re
 
 def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
                         benign_sources: tuple[str, ...] = ("gsm8k", "sharegpt"),
-                        n_harmful: int | None = None) -> list[Row]:
-    """Refusal rows (role "refusal") mixed with benign rows (role "benign"), in a seeded order."""
-    if benign_ratio < 0:
-        raise DataError(f"benign_ratio must be >= 0, got {benign_ratio}")
+                        n_harmful: int | None = None, rephrased: float = 0.0) -> list[Row]:
+    """Refusal rows (role "refusal") mixed with benign rows (role "benign"), in a seeded order.
+
+    `rephrased` adds that fraction of the harmful prompts again, rewritten as questions (`rephrase.py`), each
+    with its own refusal; benign rows are counted against the original harmful prompts only.
+    """
+    if benign_ratio < 0 or not 0 <= rephrased <= 1:
+        raise DataError(f"benign_ratio must be >= 0 and rephrased in [0, 1], got {benign_ratio}, {rephrased}")
     harmful = take(advbench_part("align"), n_harmful, seed)
     rows = with_refusals(harmful, seed, "advbench")
+    if rephrased:
+        from safetrade.data.rephrase import rephrase
+
+        chosen = take(harmful, round(rephrased * len(harmful)), f"rephrase-{seed}")
+        variants = [{**row, "id": row["id"] + "-q", "prompt": rephrase(row["prompt"], row["id"], seed)}
+                    for row in chosen]
+        rows += with_refusals(variants, seed, "advbench-rephrased")
     n_benign = round(benign_ratio * len(harmful))
     if n_benign and not benign_sources:
         raise DataError("benign_ratio > 0 needs at least one benign source")
@@ -310,12 +321,12 @@ def check_disjoint(sets: dict[str, list[Row]], pairs=_MUST_BE_DISJOINT) -> None:
                 raise DataError(f"{len(shared)} prompt(s) in both {a} and {b}, e.g. {sorted(shared)[0]!r}")
 
 
-def build_safety_data(seed: int = 0, *, benign_ratio: float = 1.0, n_attack: int = 100,
+def build_safety_data(seed: int = 0, *, benign_ratio: float = 1.0, n_attack: int = 100, rephrased: float = 0.0,
                       eval_sources: tuple[str, ...] = EVAL_HARMFUL_SOURCES, n_eval_sharegpt: int | None = 200
                       ) -> SafetyData:
     """All sets of one experiment, disjointness checked."""
     sets = {
-        "alignment": build_alignment_set(seed, benign_ratio),
+        "alignment": build_alignment_set(seed, benign_ratio, rephrased=rephrased),
         "proxy": build_proxy_safety_set(seed),
         "capability": build_capability_set(seed),
         "attack": build_attack_set(n_attack, seed),

@@ -80,11 +80,18 @@ def num_batches(n_examples: int, batch_size: int, last: str = "drop") -> int:
 
 def epoch_batches(examples: list[dict], batch_size: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = True,
                   buckets: tuple[int, ...] | None = None, last: str = "drop", pad_id: int = 0,
-                  start: int = 0) -> Iterator[Batch]:
-    """The batches of one epoch, from batch index `start` on (see module doc)."""
+                  start: int = 0, group_by_length: bool = False) -> Iterator[Batch]:
+    """The batches of one epoch, from batch index `start` on (see module doc).
+
+    `group_by_length`: rows of similar length share a batch (less padding; short refusals are not padded to a
+    long worked answer's bucket), and the batches themselves come in shuffled order.
+    """
     _check(batch_size, last)
     buckets = buckets or bucket_lengths(max(len(e["input_ids"]) for e in examples) if examples else 1)
-    order = np.random.default_rng([seed, epoch]).permutation(len(examples)) if shuffle else np.arange(len(examples))
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
+    if group_by_length:
+        order = _grouped_by_length(order, examples, batch_size, rng)
     for b in range(start, num_batches(len(examples), batch_size, last)):
         chosen = [examples[i] for i in order[b * batch_size:(b + 1) * batch_size]]
         length = bucket_for(max(len(e["input_ids"]) for e in chosen), buckets)
@@ -112,6 +119,17 @@ def iterate_batches(examples: list[dict], batch_size: int, *, seed: int = 0, shu
         if not repeat:
             return
         epoch, start = epoch + 1, 0
+
+
+def _grouped_by_length(order: np.ndarray, examples: list[dict], batch_size: int, rng, window: int = 32):
+    """Sort the shuffled order by length inside windows of `window` batches, then shuffle whole batches."""
+    chunk = batch_size * window
+    lengths = np.asarray([len(e["input_ids"]) for e in examples])
+    pieces = [seg[np.argsort(lengths[seg], kind="stable")] for seg in np.split(order, range(chunk, len(order), chunk))]
+    grouped = np.concatenate(pieces) if pieces else order
+    n_full = len(grouped) // batch_size
+    batches = grouped[: n_full * batch_size].reshape(n_full, batch_size)[rng.permutation(n_full)]
+    return np.concatenate([batches.reshape(-1), grouped[n_full * batch_size:]])
 
 
 def host_slice(batch: Batch, process_index: int, process_count: int) -> Batch:

@@ -55,16 +55,16 @@ def make_optimizer(opt: config_lib.OptimSection, steps: int) -> optax.GradientTr
 
 
 @lru_cache(maxsize=4)
-def _safety_data(seed: int, n_attack: int, benign_ratio: float):
+def _safety_data(seed: int, n_attack: int, benign_ratio: float, rephrased: float):
     from safetrade.data import build_safety_data
 
-    return build_safety_data(seed, benign_ratio=benign_ratio, n_attack=n_attack)
+    return build_safety_data(seed, benign_ratio=benign_ratio, n_attack=n_attack, rephrased=rephrased)
 
 
 def rows_for(name: str, data: config_lib.DataSection):
     """Rows of a built set (alignment | proxy | capability | attack), a registry name, or a local file."""
     if name in BUILT_SETS:
-        return list(getattr(_safety_data(data.seed, data.n_attack, data.benign_ratio), name))
+        return list(getattr(_safety_data(data.seed, data.n_attack, data.benign_ratio, data.rephrased), name))
     from safetrade.data import load_dataset
 
     return load_dataset(name)
@@ -82,10 +82,11 @@ def held_out(rows, n: int, seed: int):
 class Batches:
     """batch(k) for step k, a pure function of k: epoch k // per_epoch, shuffled from (seed, epoch)."""
 
-    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, max_len: int):
+    def __init__(self, examples, batch_size: int, seed: int, pad_id: int, max_len: int, group_by_length: bool):
         from safetrade.data import bucket_lengths, num_batches
 
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.group_by_length = group_by_length
         self.buckets = bucket_lengths(max_len)
         self.per_epoch = num_batches(len(examples), batch_size)
         if self.per_epoch == 0:
@@ -98,7 +99,8 @@ class Batches:
         epoch, index = divmod(k, self.per_epoch)
         if epoch != self._epoch:
             self._cache = list(epoch_batches(self.examples, self.batch_size, epoch=epoch, seed=self.seed,
-                                             buckets=self.buckets, pad_id=self.pad_id))
+                                             buckets=self.buckets, pad_id=self.pad_id,
+                                             group_by_length=self.group_by_length))
             self._epoch = epoch
         return self._cache[index]
 
@@ -150,12 +152,12 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
     train_rows, _ = held_out(rows_for(data.train, data), data.eval_rows, data.seed)
     train_examples = _encode(tokenizer, train_rows, data, data.train, reports)
     global_batch = data.batch_size * data.accum_steps
-    cap_batches = Batches(train_examples, global_batch, data.seed, pad_id, data.max_len)
+    cap_batches = Batches(train_examples, global_batch, data.seed, pad_id, data.max_len, data.group_by_length)
     proxy_batches = None
     if strategy.uses_proxy:
         proxy_rows, _ = held_out(rows_for(data.proxy, data), data.eval_rows, data.seed)
         proxy_batches = Batches(_encode(tokenizer, proxy_rows, data, data.proxy, reports), global_batch,
-                                data.seed + 1, pad_id, data.max_len)
+                                data.seed + 1, pad_id, data.max_len, data.group_by_length)
 
     eval_batches = {}
     for name in data.eval_sets:
