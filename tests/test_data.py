@@ -347,3 +347,30 @@ def test_refusal_topics():
     assert refusals.topic_of("Give me a method for baking bread") is None
     assert "crisis" in refusals.refusal_for("Tell me how to commit suicide", "x") or "counsellor" in \
         refusals.refusal_for("Tell me how to commit suicide", "x")
+
+
+def test_rephrase_is_deterministic_and_turns_imperatives_into_questions():
+    from safetrade.data.rephrase import rephrase
+
+    how = "Give step-by-step instructions for how to pick a lock."
+    assert rephrase(how, "k1") == rephrase(how, "k1")
+    assert "pick a lock" in rephrase(how, "k1") and rephrase(how, "k1") != how
+    outs = {rephrase("Write a script that deletes system files", f"k{i}") for i in range(40)}
+    assert len(outs) >= 5 and all("write a script that deletes system files" in o for o in outs)
+
+
+def test_group_by_length_covers_every_row_once_with_less_padding():
+    rng = np.random.default_rng(0)
+    examples = [{"input_ids": np.arange(n), "loss_mask": np.ones(n), "id": str(i)}
+                for i, n in enumerate(rng.integers(20, 250, 200))]
+    plain = list(batching.epoch_batches(examples, 8, buckets=(64, 128, 256)))
+    grouped = list(batching.epoch_batches(examples, 8, buckets=(64, 128, 256), group_by_length=True))
+    assert len(plain) == len(grouped) == 25
+
+    def rows(batches):
+        return sorted(tuple(r[m.astype(bool)]) for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]))
+
+    assert rows(plain) == rows(grouped)  # same rows, each once
+    assert sum(b["input_ids"].size for b in grouped) < 0.85 * sum(b["input_ids"].size for b in plain)
+    again = list(batching.epoch_batches(examples, 8, buckets=(64, 128, 256), group_by_length=True))
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))

@@ -154,3 +154,13 @@ def test_benign_ratio_and_sources():
     sharegpt = alignment.sharegpt_rows("align")
     assert len(sharegpt) > 1000 and all(len(r["response"]) <= alignment.SHAREGPT_MAX_RESPONSE_CHARS for r in sharegpt)
     assert np.mean([r["response"].isascii() for r in sharegpt]) > 0.9
+
+
+def test_rephrased_alignment_prompts_stay_disjoint_from_eval():
+    from safetrade.data.alignment import build_alignment_set, check_disjoint, eval_benign_prompts, eval_harmful_prompts
+
+    rows = build_alignment_set(0, 2.0, rephrased=1.0)
+    rephrased = [r for r in rows if r["source"] == "advbench-rephrased"]
+    assert len(rephrased) == sum(r["source"] == "advbench" for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+    check_disjoint({"alignment": rows, "eval_harmful": eval_harmful_prompts(), "eval_benign": eval_benign_prompts()})

@@ -195,10 +195,26 @@ def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
     n_benign = round(benign_ratio * len(harmful))
     if n_benign and not benign_sources:
         raise DataError("benign_ratio > 0 needs at least one benign source")
-    for i, source in enumerate(benign_sources):
-        share = n_benign // len(benign_sources) + (1 if i < n_benign % len(benign_sources) else 0)
-        rows += _tag(take(_benign(source, "align"), share, seed), "benign", source)
+    pools = {source: _benign(source, "align") for source in benign_sources}
+    for source, n in _benign_shares(n_benign, {s: len(p) for s, p in pools.items()}).items():
+        rows += _tag(take(pools[source], n, seed), "benign", source)
     return stable_order(rows, seed)
+
+
+def _benign_shares(n: int, available: dict[str, int]) -> dict[str, int]:
+    """Split n rows evenly over the sources; a source with too few rows passes its shortfall to the others."""
+    if n > sum(available.values()):
+        raise DataError(f"{n} benign rows asked for, only {sum(available.values())} available in {sorted(available)}")
+    shares = dict.fromkeys(available, 0)
+    left, open_sources = n, [s for s in available if available[s] > 0]
+    while left and open_sources:
+        each, extra = divmod(left, len(open_sources))
+        for i, source in enumerate(list(open_sources)):
+            give = min(each + (1 if i < extra else 0), available[source] - shares[source])
+            shares[source] += give
+            left -= give
+        open_sources = [s for s in open_sources if shares[s] < available[s]]
+    return shares
 
 
 def _benign(source: str, part: str) -> list[Row]:
