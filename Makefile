@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VENV := .venv-torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast golden bench clean
+.PHONY: setup demo test test-fast golden bench bench-train bench-aot clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ golden: setup $(TORCH_VENV)/.installed
 
 bench: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/forward.py --torch-python $(TORCH_VENV)/bin/python
+
+bench-train: setup $(TORCH_VENV)/.installed
+	$(BIN)/python bench/train_step.py --torch-python $(TORCH_VENV)/bin/python
+
+bench-aot: setup
+	$(BIN)/python bench/aot_compile.py --preset llama2_7b --devices 8 --fsdp 8
 
 clean:
 	rm -rf $(VENV) $(TORCH_VENV)
