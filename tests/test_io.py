@@ -103,7 +103,7 @@ def write_gguf(path, cfg, params, qtype_for=None):
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_vocab_size(cfg.vocab_size)
     for spec in io.weight_specs(cfg):
-        host = np.asarray(io._tree_get(params, spec.path))
+        host = np.asarray(io.tree_get(params, spec.path))
         for i in range(cfg.num_layers) if spec.stacked else [None]:
             array = host[i] if spec.stacked else host
             array = np.ascontiguousarray(array.T if spec.transpose else array).astype(np.float32)

@@ -71,13 +71,13 @@ def weight_specs(cfg: LlamaConfig) -> list[WeightSpec]:
     return specs
 
 
-def _tree_get(tree, path):
+def tree_get(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _tree_set(tree: dict, path, value):
+def tree_set(tree: dict, path, value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -186,7 +186,8 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 # Loading
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
+def place(host: np.ndarray, sharding) -> jax.Array:
+    """A host array onto `sharding` (each device copies only its slice), or onto the default device."""
     if sharding is None:
         return jax.device_put(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -228,9 +229,9 @@ def _load(cfg: LlamaConfig, fetch, where: str, mesh: Mesh | None) -> Params:
     params: dict[str, Any] = {}
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     for spec in weight_specs(cfg):
-        target = _tree_get(abstract, spec.path)
+        target = tree_get(abstract, spec.path)
         host = _assemble(cfg, spec, fetch, tuple(target.shape), dtype, where)
-        _tree_set(params, spec.path, _place(host, None if shardings is None else _tree_get(shardings, spec.path)))
+        tree_set(params, spec.path, place(host, None if shardings is None else tree_get(shardings, spec.path)))
         del host
     return params
 
@@ -297,13 +298,14 @@ def load_model(source: str | os.PathLike, *, mesh: Mesh | None = None, **config_
 def _hf_tensors(cfg: LlamaConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in HF layout) for every weight, gathered to the host one weight kind at a time."""
     for spec in weight_specs(cfg):
-        host = np.asarray(jax.device_get(_gather(_tree_get(params, spec.path))))
+        host = np.asarray(jax.device_get(gather_to_host(tree_get(params, spec.path))))
         for i in range(cfg.num_layers) if spec.stacked else [None]:
             array = host[i] if spec.stacked else host
             yield spec.hf.format(i=i), np.ascontiguousarray(array.T if spec.transpose else array)
 
 
-def _gather(x: jax.Array) -> jax.Array:
+def gather_to_host(x: jax.Array) -> jax.Array:
+    """The whole array on every process (an all-gather when it spans several hosts; else unchanged)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -331,7 +333,7 @@ def save_hf(directory: str | os.PathLike, cfg: LlamaConfig, params: Params, toke
     plan: list[list[str]] = [[]]
     size = total = 0
     for spec in weight_specs(cfg):
-        shape = _tree_get(params, spec.path).shape
+        shape = tree_get(params, spec.path).shape
         nbytes = int(np.prod(shape[1:] if spec.stacked else shape)) * itemsize
         for i in range(cfg.num_layers) if spec.stacked else [None]:
             if size and size + nbytes > max_shard_bytes:

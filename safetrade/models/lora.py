@@ -64,7 +64,7 @@ def _target_specs(cfg: LlamaConfig, targets) -> list[io.WeightSpec]:
 
 def _module(tree: Params, spec: io.WeightSpec) -> dict:
     """The dict holding a projection's leaves (kernel and/or lora_a, lora_b)."""
-    return io._tree_get(tree, spec.path[:-1])
+    return io.tree_get(tree, spec.path[:-1])
 
 
 def _require_lora(cfg: LlamaConfig, what: str) -> LoraConfig:
@@ -164,7 +164,7 @@ def delta(cfg: LlamaConfig, params: Params) -> Params:
     for spec in _target_specs(cfg, lora.targets):
         m = _module(params, spec)
         a, b = m["lora_a"].astype(jnp.float32), m["lora_b"].astype(jnp.float32)
-        io._tree_set(out, spec.path, lora.scale * jnp.einsum("lir,lro->lio", a, b, precision=_HIGHEST))
+        io.tree_set(out, spec.path, lora.scale * jnp.einsum("lir,lro->lio", a, b, precision=_HIGHEST))
     return out
 
 
@@ -193,9 +193,9 @@ def merge(cfg: LlamaConfig, params: Params) -> tuple[LlamaConfig, Params]:
         raise SafetradeError("merge: params hold no lora_a/lora_b leaves")
     deltas = delta(cfg, adapters)
     for spec in _target_specs(cfg, lora.targets):  # `base` is split's fresh copy of the dicts: safe to update
-        kernel = io._tree_get(base, spec.path)
-        merged = kernel.astype(jnp.float32) + io._tree_get(deltas, spec.path)
-        io._tree_set(base, spec.path, merged.astype(kernel.dtype))
+        kernel = io.tree_get(base, spec.path)
+        merged = kernel.astype(jnp.float32) + io.tree_get(deltas, spec.path)
+        io.tree_set(base, spec.path, merged.astype(kernel.dtype))
     return cfg.replace(lora=None), base
 
 
@@ -253,8 +253,8 @@ def save_peft(directory: str | os.PathLike, cfg: LlamaConfig, adapters: Params,
     tensors = {}
     for spec in _target_specs(cfg, lora.targets):
         m = _module(adapters, spec)
-        a = np.asarray(jax.device_get(io._gather(m["lora_a"])))  # [L, in, r]
-        b = np.asarray(jax.device_get(io._gather(m["lora_b"])))  # [L, r, out]
+        a = np.asarray(jax.device_get(io.gather_to_host(m["lora_a"])))  # [L, in, r]
+        b = np.asarray(jax.device_get(io.gather_to_host(m["lora_b"])))  # [L, r, out]
         for i in range(cfg.num_layers):
             name_a, name_b = _peft_names(spec, i)
             tensors[name_a] = np.ascontiguousarray(a[i].T)  # [r, in]
@@ -378,7 +378,7 @@ def load_peft(directory: str | os.PathLike, cfg: LlamaConfig, params: Params) ->
     for spec in _target_specs(lora_cfg, targets):
         for leaf, torch_name in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             path = (*spec.path[:-1], leaf)
-            shape = tuple(io._tree_get(abstract, path).shape)  # [L, in, r] or [L, r, out]
+            shape = tuple(io.tree_get(abstract, path).shape)  # [L, in, r] or [L, r, out]
             host = np.empty(shape, dtype)
             for i in range(cfg.num_layers):
                 name = _peft_names(spec, i)[0 if leaf == "lora_a" else 1]
@@ -391,8 +391,8 @@ def load_peft(directory: str | os.PathLike, cfg: LlamaConfig, params: Params) ->
                         f"{CONFIG_NAME} and the model's dimensions imply {shape[1:][::-1]}"
                     )
                 host[i] = array.T
-            sharding = None if shardings is None else io._tree_get(shardings, path)
-            io._tree_set(adapters, path, io._place(host, sharding))
+            sharding = None if shardings is None else io.tree_get(shardings, path)
+            io.tree_set(adapters, path, io.place(host, sharding))
     return lora_cfg, combine(params, adapters)
 
 
@@ -405,6 +405,6 @@ def scale_b(params: Params, factors: Params) -> Params:
     out = jax.tree.map(lambda x: x, params)
     for path, factor in jax.tree_util.tree_flatten_with_path(factors)[0]:
         keys = tuple(getattr(k, "key", k) for k in path)[:-1]  # drop the trailing "kernel"
-        module = io._tree_get(out, keys)
+        module = io.tree_get(out, keys)
         module["lora_b"] = (module["lora_b"].astype(jnp.float32) * factor).astype(module["lora_b"].dtype)
     return out
