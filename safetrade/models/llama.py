@@ -387,9 +387,10 @@ class Attention(nnx.Module):
         self.o_proj = Linear(hq, d, ("heads", "embed"), cfg, rngs, name="o_proj")
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def __call__(self, x, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0):
-        """x [B, T, D]. Without a cache, attends over x itself (kv_valid [B, T]); with one (cache_k/v
-        [B, S, Hkv, Dh], kv_valid [B, S]), writes this call's keys/values at cache_index and attends over the cache.
+    def __call__(self, x, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0, layer=0):
+        """x [B, T, D]. Without a cache, attends over x itself (kv_valid [B, T]); with one (the whole stacked
+        cache_k/v [L, B, S, Hkv, Dh] and this block's `layer` index; kv_valid [B, S]), writes this call's keys and
+        values into the layer's slots cache_index.. in place and attends over the layer's cache.
 
         A query at slot s may attend to valid slots <= s. Padding is contiguous (left for generation, right for
         training), so slot order is token order and kv_valid alone removes the padding.
@@ -399,9 +400,13 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if cache_k is not None:
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            # Only the new rows are written into the stacked cache; copying a layer's slice out and back in per
+            # step cost ~20 % of a batch-16 decode step (bench/RESULTS.md).
+            at = (layer, 0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+            k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(q.dtype)
 
         s = k.shape[1]
         q_slots = cache_index + jnp.arange(t)
@@ -436,9 +441,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, h, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0):
+    def __call__(self, h, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0, layer=0):
         a, cache_k, cache_v = self.attn(self.attn_norm(h), positions, inv_freq, kv_valid, cache_k, cache_v,
-                                        cache_index)
+                                        cache_index, layer)
         h = h + a
         h = h + self.mlp(self.mlp_norm(h))
         return h, cache_k, cache_v
@@ -497,10 +502,7 @@ class Llama(nnx.Module):
             def layer(carry, xs):
                 h, ks, vs = carry
                 state, i = xs
-                h, k_i, v_i = nnx.merge(block_graph, state)(h, positions, inv_freq, kv_valid, ks[i], vs[i],
-                                                             cache_index)
-                ks = jax.lax.dynamic_update_index_in_dim(ks, k_i, i, 0)
-                vs = jax.lax.dynamic_update_index_in_dim(vs, v_i, i, 0)
+                h, ks, vs = nnx.merge(block_graph, state)(h, positions, inv_freq, kv_valid, ks, vs, cache_index, i)
                 return (h, ks, vs), (h if return_hidden else None)
 
             (h, ks, vs), per_layer = jax.lax.scan(
