@@ -119,9 +119,9 @@ def _chat(cfg, params, tokenizer, prompts: list[str], system: str | None, raw: b
 
 def _sampling(args, tokenizer):
     from safetrade.generate import SamplingConfig
+    from safetrade.tokenizer import stop_token_ids
 
-    stops = tuple(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-                  if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
+    stops = stop_token_ids(tokenizer)
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=getattr(args, "temperature", 0.0),
                           top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", 0), stop_token_ids=stops)
 

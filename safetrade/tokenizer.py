@@ -256,3 +256,9 @@ def _as_messages(messages: Messages) -> list[dict[str, str]]:
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     return list(messages)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, ...]:
+    """Token ids that end an assistant turn: eos and, for ChatML models, <|im_end|> (sorted, unknown ids dropped)."""
+    candidates = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return tuple(sorted(t for t in candidates if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id))

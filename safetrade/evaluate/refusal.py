@@ -39,14 +39,12 @@ def generate_replies(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_
                      desc: str = "generate") -> list[str]:
     """Greedy chat replies for `prompts`, in batches (prompts sorted by length to waste little padding)."""
     from safetrade.generate import SamplingConfig, generate
-    from safetrade.tokenizer import encode_chat
+    from safetrade.tokenizer import encode_chat, stop_token_ids
 
     prefix = [{"role": "system", "content": system}] if system else []
     ids = [encode_chat(tokenizer, prefix + [{"role": "user", "content": p}]) for p in prompts]
     order = np.argsort([len(x) for x in ids], kind="stable")
-    stops = tuple({t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-                   if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id})
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=stops)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
     replies: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc=desc):
         chunk = order[start:start + batch_size]
