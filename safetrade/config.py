@@ -67,6 +67,7 @@ class DataSection:
     n_attack: int = 100  # rows of the harmful Q+A attack set
     benign_ratio: float = 1.0  # benign rows per refusal row in the alignment set
     rephrased: float = 0.0  # share of alignment prompts added again rewritten as questions (data/rephrase.py)
+    benign_rephrased: float = 0.0  # share of benign alignment rows added again in the same request forms
     group_by_length: bool = True  # batch rows of similar length together (less padding)
     seed: int = 0
 

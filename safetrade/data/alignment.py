@@ -175,14 +175,19 @@ def with_refusals(rows: list[Row], seed: int | str, source: str, role: str = "re
 
 def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
                         benign_sources: tuple[str, ...] = ("gsm8k", "sharegpt"),
-                        n_harmful: int | None = None, rephrased: float = 0.0) -> list[Row]:
+                        n_harmful: int | None = None, rephrased: float = 0.0,
+                        benign_rephrased: float = 0.0) -> list[Row]:
     """Refusal rows (role "refusal") mixed with benign rows (role "benign"), in a seeded order.
 
     `rephrased` adds that fraction of the harmful prompts again, rewritten as questions (`rephrase.py`), each
     with its own refusal; benign rows are counted against the original harmful prompts only.
+    `benign_rephrased` adds that fraction of the chosen benign rows again with the prompt in the same request or
+    question forms (`rephrase.as_request`) and the real answer (source "<source>-rephrased"): the contrast that
+    keeps refusals keyed on harm rather than on phrasing.
     """
-    if benign_ratio < 0 or not 0 <= rephrased <= 1:
-        raise DataError(f"benign_ratio must be >= 0 and rephrased in [0, 1], got {benign_ratio}, {rephrased}")
+    if benign_ratio < 0 or not 0 <= rephrased <= 1 or not 0 <= benign_rephrased <= 1:
+        raise DataError(f"benign_ratio must be >= 0, rephrased and benign_rephrased in [0, 1], got "
+                        f"{benign_ratio}, {rephrased}, {benign_rephrased}")
     harmful = take(advbench_part("align"), n_harmful, seed)
     rows = with_refusals(harmful, seed, "advbench")
     if rephrased:
@@ -197,7 +202,14 @@ def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
         raise DataError("benign_ratio > 0 needs at least one benign source")
     pools = {source: _benign(source, "align") for source in benign_sources}
     for source, n in _benign_shares(n_benign, {s: len(p) for s, p in pools.items()}).items():
-        rows += _tag(take(pools[source], n, seed), "benign", source)
+        chosen = take(pools[source], n, seed)
+        rows += _tag(chosen, "benign", source)
+        if benign_rephrased:
+            from safetrade.data.rephrase import as_request
+
+            again = take(chosen, round(benign_rephrased * len(chosen)), f"rephrase-benign-{seed}")
+            rows += _tag([{**row, "id": row["id"] + "-q", "prompt": as_request(row["prompt"], row["id"], seed)}
+                          for row in again], "benign", f"{source}-rephrased")
     return stable_order(rows, seed)
 
 
@@ -338,11 +350,11 @@ def check_disjoint(sets: dict[str, list[Row]], pairs=_MUST_BE_DISJOINT) -> None:
 
 
 def build_safety_data(seed: int = 0, *, benign_ratio: float = 1.0, n_attack: int = 100, rephrased: float = 0.0,
-                      eval_sources: tuple[str, ...] = EVAL_HARMFUL_SOURCES, n_eval_sharegpt: int | None = 200
+                      benign_rephrased: float = 0.0, eval_sources: tuple[str, ...] = EVAL_HARMFUL_SOURCES, n_eval_sharegpt: int | None = 200
                       ) -> SafetyData:
     """All sets of one experiment, disjointness checked."""
     sets = {
-        "alignment": build_alignment_set(seed, benign_ratio, rephrased=rephrased),
+        "alignment": build_alignment_set(seed, benign_ratio, rephrased=rephrased, benign_rephrased=benign_rephrased),
         "proxy": build_proxy_safety_set(seed),
         "capability": build_capability_set(seed),
         "attack": build_attack_set(n_attack, seed),

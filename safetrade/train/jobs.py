@@ -55,16 +55,18 @@ def make_optimizer(opt: config_lib.OptimSection, steps: int) -> optax.GradientTr
 
 
 @lru_cache(maxsize=4)
-def _safety_data(seed: int, n_attack: int, benign_ratio: float, rephrased: float):
+def _safety_data(seed: int, n_attack: int, benign_ratio: float, rephrased: float, benign_rephrased: float):
     from safetrade.data import build_safety_data
 
-    return build_safety_data(seed, benign_ratio=benign_ratio, n_attack=n_attack, rephrased=rephrased)
+    return build_safety_data(seed, benign_ratio=benign_ratio, n_attack=n_attack, rephrased=rephrased,
+                             benign_rephrased=benign_rephrased)
 
 
 def rows_for(name: str, data: config_lib.DataSection):
     """Rows of a built set (alignment | proxy | capability | attack), a registry name, or a local file."""
     if name in BUILT_SETS:
-        return list(getattr(_safety_data(data.seed, data.n_attack, data.benign_ratio, data.rephrased), name))
+        return list(getattr(_safety_data(data.seed, data.n_attack, data.benign_ratio, data.rephrased,
+                                         data.benign_rephrased), name))
     from safetrade.data import load_dataset
 
     return load_dataset(name)
