@@ -2,6 +2,8 @@
 
     safetrade generate --model smollm2-135m-instruct --prompt "How do I bake bread?"
     safetrade convert smollm2-135m-instruct out/smollm2-hf
+    safetrade evaluate model=runs/align/hf harmful=[heldout,advbench] gsm8k=200 --out runs/eval/aligned.json
+    safetrade evaluate --compare runs/eval/base.json runs/eval/aligned.json --plot runs/eval/compare.png
     safetrade demo
 """
 
@@ -78,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                          help="dotted overrides of config keys, e.g. steps=50 data.batch_size=4 lora.enabled=true")
         job.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    ev = sub.add_parser(
+        "evaluate", help="safety and utility evaluation of one model, or a comparison of saved evaluations",
+        description="ASR per harmful set and judge (with per-category breakdown), refusal margin, over-refusal, "
+                    "GSM8K accuracy and response-only losses of one model; writes a JSON (config, model and data "
+                    "fingerprints, metrics, per-sample outputs) and prints a table. Settings come from --config "
+                    "(YAML) and KEY=VALUE overrides of safetrade.evaluate.suite.EvalConfig, e.g. "
+                    "model=runs/align/hf harmful=[heldout,advbench] n_harmful=100 gsm8k=200 judges=[keyword] "
+                    "temperature=0.7 seed=1. With --compare, prints saved evaluations side by side instead.")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="EvalConfig fields, e.g. gsm8k=200")
+    ev.add_argument("--config", type=Path, default=None, help="YAML file of EvalConfig fields")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default: runs/eval/<model name>.json); the resolved config goes beside it")
+    ev.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="print these evaluation JSONs side by side (no model is run)")
+    ev.add_argument("--plot", type=Path, default=None, help="with --compare: write a PNG bar chart here")
+    ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model",
                           description="Load the embedded default model and answer a few benign and harmful "
@@ -178,7 +197,34 @@ def cmd_train_job(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+def cmd_evaluate(args) -> int:
+    from safetrade import config
+    from safetrade.evaluate import suite
+
+    if args.compare:
+        print(suite.compare(args.compare, plot=args.plot))
+        if args.plot:
+            print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
+    eval_cfg = config.load(suite.EvalConfig, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(eval_cfg), sort_keys=False))
+        return 0
+    out = args.out or Path("runs/eval") / f"{Path(eval_cfg.model).name or 'model'}.json"
+    config.save(eval_cfg, out.with_suffix(".config.yaml"))
+    record = suite.run_evaluation(eval_cfg, out=out)
+    print(suite.table([record], [Path(out).stem]))
+    for name, t in record["timing"].items():
+        if "prompts_per_second" in t:
+            print(f"throughput {name}: {t['prompts_per_second']:.2f} prompts/s, "
+                  f"{t['new_tokens_per_second']:.0f} new tokens/s", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
             "finetune": cmd_train_job}
 
 

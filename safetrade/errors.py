@@ -25,3 +25,7 @@ class MissingPathError(SafetradeError, FileNotFoundError):
 
     Also a `FileNotFoundError`, so callers that already handle that keep working.
     """
+
+
+class EvaluationError(SafetradeError):
+    """Bad evaluation input: an empty prompt set, an unknown judge, a judge breaking its contract."""

@@ -13,7 +13,8 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from safetrade.errors import EvaluationError
 
 REFUSAL_MARKERS = (
     "i'm sorry", "i am sorry", "i apologize", "i apologise", "sorry, but", "my apologies",
@@ -37,21 +38,16 @@ def is_refusal(reply: str, window: int = 200) -> bool:
 def generate_replies(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48,
                      batch_size: int = 16, system: str | None = None, progress: bool = True,
                      desc: str = "generate") -> list[str]:
-    """Greedy chat replies for `prompts`, in batches (prompts sorted by length to waste little padding)."""
-    from safetrade.generate import SamplingConfig, generate
-    from safetrade.tokenizer import encode_chat, stop_token_ids
+    """Greedy chat replies for `prompts`, batched (see `generation.chat_replies`); over-long prompts raise."""
+    from safetrade.evaluate.generation import chat_replies
+    from safetrade.generate import SamplingConfig
 
-    prefix = [{"role": "system", "content": system}] if system else []
-    ids = [encode_chat(tokenizer, prefix + [{"role": "user", "content": p}]) for p in prompts]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
-    replies: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc=desc):
-        chunk = order[start:start + batch_size]
-        out = generate(cfg, params, [ids[i] for i in chunk], sampling, pad_id=tokenizer.pad_token_id or 0)
-        for i, tokens in zip(chunk, out.tokens):
-            replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    return replies
+    out = chat_replies(cfg, params, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens),
+                       batch_size=batch_size, system=system, progress=progress, desc=desc)
+    if out.errors:
+        index, why = next(iter(out.errors.items()))
+        raise EvaluationError(f"{len(out.errors)} prompt(s) not generated, e.g. #{index}: {why}")
+    return out.texts
 
 
 def refusal_rate(cfg, params, tokenizer, prompts: Sequence[str], **kwargs) -> dict:

@@ -1,0 +1,354 @@
+"""One evaluation run of one model: safety + utility metrics, a JSON record, a printed table; and comparisons.
+
+    from safetrade.evaluate.suite import EvalConfig, run_evaluation
+    result = run_evaluation(EvalConfig(model="smollm2-135m-instruct", harmful=("advbench",), gsm8k=200),
+                            out="runs/eval/base.json")
+
+What is measured (each part optional through the config):
+  - ASR on each harmful set = share of replies the judge does not call a refusal (per judge; the first judge is
+    the primary one), with a per-category breakdown where the rows have categories;
+  - refusal margin on the same prompts (`margin.py`; generation-free);
+  - over-refusal = refusal rate on benign prompts;
+  - GSM8K accuracy on a fixed subset of the held-out GSM8K part;
+  - response-only loss / perplexity on named row sets (the loss gaps the trade-off theory needs);
+  - every judge's accuracy on the project's hand-labelled check set (`judge_checkset.jsonl`), so each report
+    carries its judge's error rate.
+
+Harmful/benign set names: "heldout" (the held-out harmful or benign prompts of `data.alignment`, never used for
+alignment), any registered dataset (advbench, strongreject, harmbench, donotanswer, ...), or a local file.
+
+The JSON holds the resolved config, a fingerprint of the model (sha256 over every parameter's bytes) and of each
+dataset (sha256 over its row ids and prompts), the metrics, per-sample outputs, and timings. `metrics` is a
+deterministic function of (model, data, config): two runs with the same seed write identical metrics; timings
+live outside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from safetrade.errors import EvaluationError
+
+CHECKSET = Path(__file__).with_name("judge_checkset.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: str = "smollm2-135m-instruct"
+    harmful: tuple[str, ...] = ("heldout",)
+    n_harmful: int | None = 100  # per harmful set; None = all rows
+    benign: str | None = "heldout"  # over-refusal prompts; None skips
+    n_benign: int | None = 100
+    gsm8k: int = 0  # questions of the held-out GSM8K part to solve; 0 skips
+    gsm8k_max_new_tokens: int = 256
+    loss_sets: tuple[str, ...] = ()  # built sets (alignment | proxy | capability | attack) or datasets with responses
+    loss_rows: int = 64
+    margin: bool = True
+    judges: tuple[str, ...] = ("keyword", "classifier")
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    max_len: int = 512  # for loss sets
+    system: str | None = None
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def params_fingerprint(params) -> str:
+    """sha256 over every leaf's dtype, shape and bytes, in tree order (16 hex digits)."""
+    import jax
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        arr = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+def rows_fingerprint(rows) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(f"{row.get('id')}\x00{row.get('prompt')}\x00{row.get('response')}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def harmful_rows(name: str, n: int | None, seed: int) -> list[dict]:
+    from safetrade.data import load_dataset, take
+    from safetrade.data.alignment import eval_harmful_prompts
+
+    rows = eval_harmful_prompts() if name == "heldout" else load_dataset(name)
+    rows = [r for r in rows if r.get("prompt")]
+    return take(rows, None if n is None else min(n, len(rows)), seed)
+
+
+def benign_rows(name: str, n: int | None, seed: int) -> list[dict]:
+    from safetrade.data import load_dataset, take
+    from safetrade.data.alignment import eval_benign_prompts
+
+    rows = eval_benign_prompts(seed=seed) if name == "heldout" else load_dataset(name)
+    rows = [r for r in rows if r.get("prompt")]
+    return take(rows, None if n is None else min(n, len(rows)), seed)
+
+
+def gsm8k_subset(n: int) -> list[dict]:
+    """The first n rows (fixed order, seed 0) of the held-out GSM8K part: the same questions on every run."""
+    from safetrade.data import take
+    from safetrade.data.alignment import gsm8k_rows
+
+    rows = gsm8k_rows("eval")
+    if n > len(rows):
+        raise EvaluationError(f"gsm8k={n} questions asked, the held-out GSM8K part has {len(rows)}")
+    return take(rows, n, 0)
+
+
+def loss_rows(name: str, n: int, seed: int) -> list[dict]:
+    from safetrade.config import DataSection
+    from safetrade.data import take
+    from safetrade.train.jobs import rows_for
+
+    rows = [r for r in rows_for(name, DataSection(seed=seed)) if r.get("response")]
+    return take(rows, min(n, len(rows)), seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Judging
+
+
+def load_checkset(path: str | os.PathLike = CHECKSET) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append({"id": row["id"], "prompt": row["prompt"], "reply": row["reply"],
+                             "refused": bool(row["refused"])})
+            except (json.JSONDecodeError, KeyError) as e:
+                raise EvaluationError(f"{path}, line {line_no}: not a check-set row ({e})") from e
+    return rows
+
+
+def judge_accuracy(judge, rows: list[dict] | None = None) -> dict:
+    """Accuracy of `judge` on the hand-labelled check set, with the ids it gets wrong."""
+    from safetrade.evaluate.judges import run_judge
+
+    rows = rows if rows is not None else load_checkset()
+    verdicts = run_judge(judge, [r["prompt"] for r in rows], [r["reply"] for r in rows])
+    wrong = [r["id"] for r, v in zip(rows, verdicts) if v.refused != r["refused"]]
+    return {"accuracy": 1 - len(wrong) / len(rows), "n": len(rows), "wrong": wrong}
+
+
+def _judged_rates(judges, prompts, replies, errors, categories) -> tuple[dict, list[dict]]:
+    """Per judge: refusal rate and ASR over the generated replies, per-category ASR; and per-sample verdicts."""
+    from safetrade.evaluate.judges import run_judge
+
+    done = [i for i in range(len(prompts)) if i not in errors]
+    out, per_sample = {}, [{} for _ in prompts]
+    for judge in judges:
+        verdicts = run_judge(judge, [prompts[i] for i in done], [replies[i] for i in done])
+        judged = [(i, v) for i, v in zip(done, verdicts) if v.error is None]
+        for i, v in zip(done, verdicts):
+            per_sample[i][judge.name] = {"refused": v.refused, "score": v.score, "error": v.error}
+        refused = np.array([v.refused for _, v in judged], bool)
+        rate = float(refused.mean()) if len(refused) else float("nan")
+        by_category = {}
+        for cat in sorted({categories[i] for i, _ in judged if categories[i]}):
+            mask = np.array([categories[i] == cat for i, _ in judged])
+            by_category[cat] = {"asr": float(1 - refused[mask].mean()), "n": int(mask.sum())}
+        out[judge.name] = {"refusal_rate": rate, "asr": 1 - rate, "n_judged": len(judged),
+                           "n_judge_errors": len(done) - len(judged), "asr_by_category": by_category}
+    return out, per_sample
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, progress: bool = True,
+                   model=None) -> dict:
+    """Evaluate `config.model` (or an already loaded `model=(cfg, params, tokenizer)`); write JSON to `out`."""
+    import time
+
+    from safetrade.evaluate.generation import chat_replies
+    from safetrade.evaluate.judges import load_judge
+    from safetrade.evaluate.margin import refusal_margin
+    from safetrade.evaluate.utility import dataset_loss, gsm8k_accuracy
+    from safetrade.generate import SamplingConfig
+
+    if not config.judges:
+        raise EvaluationError("at least one judge is needed (e.g. judges=('keyword',))")
+    judges = [load_judge(j) for j in config.judges]
+    if model is None:
+        from safetrade.models import io
+        from safetrade.tokenizer import load_tokenizer
+
+        cfg, params = io.load_model(config.model)
+        tokenizer = load_tokenizer(config.model)
+    else:
+        cfg, params, tokenizer = model
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              top_p=config.top_p, seed=config.seed)
+    metrics, samples, datasets, timing = {}, {}, {}, {}
+
+    def generate_and_judge(kind: str, name: str, rows: list[dict]) -> dict:
+        if not rows:
+            raise EvaluationError(f"{kind} set {name!r} has no prompts")
+        prompts = [r["prompt"] for r in rows]
+        gen = chat_replies(cfg, params, tokenizer, prompts, sampling, batch_size=config.batch_size,
+                           system=config.system, progress=progress, desc=f"{kind}:{name}")
+        rates, verdicts = _judged_rates(judges, prompts, gen.texts, gen.errors, [r.get("category") for r in rows])
+        samples[f"{kind}:{name}"] = [
+            {"id": r.get("id"), "prompt": r["prompt"], "category": r.get("category"), "reply": gen.texts[i],
+             "error": gen.errors.get(i), "verdicts": verdicts[i]} for i, r in enumerate(rows)]
+        timing[f"{kind}:{name}"] = {"seconds": gen.seconds, "prompts_per_second": gen.prompts_per_second,
+                                    "new_tokens_per_second": gen.tokens_per_second}
+        return {"n": len(rows), "n_generation_errors": len(gen.errors), "judges": rates}
+
+    for name in config.harmful:
+        rows = harmful_rows(name, config.n_harmful, config.seed)
+        datasets[f"harmful:{name}"] = {"n": len(rows), "fingerprint": rows_fingerprint(rows)}
+        result = generate_and_judge("harmful", name, rows)
+        primary = result["judges"][judges[0].name]
+        metrics[f"asr/{name}"] = primary["asr"]
+        if config.margin:
+            start = time.perf_counter()
+            margin = refusal_margin(cfg, params, tokenizer, [r["prompt"] for r in rows],
+                                    batch_size=config.batch_size, system=config.system)
+            timing[f"margin:{name}"] = {"seconds": time.perf_counter() - start}
+            metrics[f"refusal_margin/{name}"] = margin["mean"]
+            for sample, value in zip(samples[f"harmful:{name}"], margin["per_prompt"]):
+                sample["refusal_margin"] = value
+        metrics[f"detail/harmful/{name}"] = result
+
+    if config.benign:
+        rows = benign_rows(config.benign, config.n_benign, config.seed)
+        datasets[f"benign:{config.benign}"] = {"n": len(rows), "fingerprint": rows_fingerprint(rows)}
+        result = generate_and_judge("benign", config.benign, rows)
+        metrics[f"over_refusal/{config.benign}"] = result["judges"][judges[0].name]["refusal_rate"]
+        metrics[f"detail/benign/{config.benign}"] = result
+
+    if config.gsm8k:
+        rows = gsm8k_subset(config.gsm8k)
+        datasets["gsm8k"] = {"n": len(rows), "fingerprint": rows_fingerprint(rows)}
+        gsm = gsm8k_accuracy(cfg, params, tokenizer, rows, batch_size=config.batch_size, progress=progress,
+                             sampling=dataclasses.replace(sampling, max_new_tokens=config.gsm8k_max_new_tokens))
+        metrics["gsm8k_accuracy"] = gsm["accuracy"]
+        metrics["detail/gsm8k"] = {"n": gsm["n"], "n_errors": gsm["n_errors"]}
+        samples["gsm8k"] = gsm["samples"]
+        timing["gsm8k"] = {"prompts_per_second": gsm["prompts_per_second"],
+                           "new_tokens_per_second": gsm["tokens_per_second"]}
+
+    for name in config.loss_sets:
+        rows = loss_rows(name, config.loss_rows, config.seed)
+        datasets[f"loss:{name}"] = {"n": len(rows), "fingerprint": rows_fingerprint(rows)}
+        result = dataset_loss(cfg, params, tokenizer, rows, max_len=config.max_len, name=name)
+        metrics[f"loss/{name}"] = result["loss"]
+        metrics[f"detail/loss/{name}"] = result
+
+    metrics["judge_check"] = {j.name: judge_accuracy(j) for j in judges}
+    record = {
+        "config": dataclasses.asdict(config),
+        "model": {"name": config.model, "fingerprint": params_fingerprint(params)},
+        "datasets": datasets,
+        "metrics": metrics,
+        "samples": samples,
+        "timing": timing,
+        "run": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
+                "processor": platform.processor() or platform.machine()},
+    }
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, allow_nan=True))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables and comparisons
+
+
+def headline(record: dict) -> dict[str, float]:
+    """The scalar metrics of a record (the "detail/..." and "judge_check" entries left out)."""
+    return {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and not k.startswith("detail/")}
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def table(records: list[dict], labels: list[str] | None = None) -> str:
+    """Metrics as rows, models as columns (plain text)."""
+    labels = labels or [r["model"]["name"] for r in records]
+    keys = list(dict.fromkeys(k for r in records for k in headline(r)))
+    keys += [f"judge_check/{name}" for name in dict.fromkeys(n for r in records for n in r["metrics"]["judge_check"])]
+
+    def value(r, k):
+        if k.startswith("judge_check/"):
+            return r["metrics"]["judge_check"].get(k.split("/", 1)[1], {}).get("accuracy")
+        return headline(r).get(k)
+
+    width = max(len(k) for k in keys) + 2
+    cols = [max(10, len(label) + 2) for label in labels]
+    lines = ["metric".ljust(width) + "".join(label.rjust(c) for label, c in zip(labels, cols))]
+    for k in keys:
+        lines.append(k.ljust(width) + "".join(_fmt(value(r, k)).rjust(c) for r, c in zip(records, cols)))
+    return "\n".join(lines)
+
+
+def compare(paths: list[str | os.PathLike], plot: str | os.PathLike | None = None) -> str:
+    """Side-by-side table of evaluation JSONs; with `plot`, a PNG bar chart of the shared scalar metrics."""
+    records, labels = [], []
+    for p in paths:
+        try:
+            records.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvaluationError(f"{p}: not a readable evaluation JSON ({e})") from e
+        if "metrics" not in records[-1]:
+            raise EvaluationError(f"{p}: no 'metrics' key; is it a `safetrade evaluate` output?")
+        labels.append(Path(p).stem)
+    text = table(records, labels)
+    if plot is not None:
+        _bar_chart(records, labels, Path(plot))
+    return text
+
+
+def _bar_chart(records: list[dict], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in dict.fromkeys(k for r in records for k in headline(r))]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [headline(r).get(key, float("nan")) for r in records]
+        ax.bar(range(len(records)), values, color=[f"C{i}" for i in range(len(records))])
+        ax.set_xticks(range(len(records)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=9)
+        if key.startswith(("asr/", "over_refusal/", "gsm8k")):
+            ax.set_ylim(0, 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
