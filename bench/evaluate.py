@@ -1,0 +1,112 @@
+"""Throughput of an AdvBench ASR evaluation: safetrade's batched jit generation vs transformers' generate in torch.
+
+    python bench/evaluate.py --torch-python .venv-torch/bin/python [--n 100 --new-tokens 64 --batch-size 16]
+
+Both sides generate greedy replies (at most --new-tokens, stopping at end-of-turn) for the same --n AdvBench
+prompts, chat-templated to identical token ids, with the same fp32 weights (safetrade writes the HF dir torch
+loads), on the same CPU, one after the other in this run. safetrade's time includes judging with the keyword
+judge and is reported twice: the first run (jit compilation included) and a second run (compiled). torch is
+measured as a one-prompt-at-a-time loop (how the papers' evaluation scripts run) and as left-padded batches.
+Ratios are prompts/s over prompts/s. Goal: >= 2x the torch loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.forward import cpu_model  # noqa: E402
+from safetrade import hub  # noqa: E402
+from safetrade.models import io  # noqa: E402
+
+GOAL = 2.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--torch-python", default=None, help="python of the torch venv; omit to skip torch")
+    ap.add_argument("--torch-modes", default="loop,batched")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    from safetrade.data import load_dataset, take
+    from safetrade.evaluate.generation import chat_replies
+    from safetrade.evaluate.judges import KeywordJudge
+    from safetrade.generate import SamplingConfig
+    from safetrade.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"date {date}  jax {jax.__version__} on {jax.default_backend()}  cpus {os.cpu_count()} ({cpu_model()})",
+          flush=True)
+    path = hub.resolve_model(args.model)
+    cfg, params = io.load_model(path)
+    tok = load_tokenizer(path)
+    prompts = [r["prompt"] for r in take(load_dataset("advbench"), args.n, 0)]
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    judge = KeywordJudge()
+    runs = []
+    for label in ("first (with compile)", "second (compiled)"):
+        start = time.perf_counter()
+        out = chat_replies(cfg, params, tok, prompts, sampling, batch_size=args.batch_size, progress=False)
+        asr = 1 - sum(v.refused for v in judge.judge(prompts, out.texts)) / len(prompts)
+        seconds = time.perf_counter() - start
+        runs.append({"run": label, "seconds": seconds, "prompts_per_s": len(prompts) / seconds,
+                     "new_tokens": out.new_tokens, "asr": asr})
+        print(f"[safetrade] {label}: {seconds:.1f}s, {len(prompts) / seconds:.2f} prompts/s, ASR {asr:.0%}",
+              file=sys.stderr, flush=True)
+
+    torch_res = None
+    if args.torch_python:
+        with tempfile.TemporaryDirectory(prefix="safetrade-bench-eval-") as tmp:
+            io.save_hf(tmp, cfg, params)
+            spec = {"prompts": [list(map(int, encode_chat(tok, [{"role": "user", "content": p}]))) for p in prompts],
+                    "stop": list(stop_token_ids(tok)), "pad": int(tok.pad_token_id or 0)}
+            (Path(tmp) / "prompts.json").write_text(json.dumps(spec))
+            cmd = [args.torch_python, str(REPO / "bench" / "torch_evaluate.py"), "--model-dir", tmp, "--prompts",
+                   str(Path(tmp) / "prompts.json"), "--new-tokens", str(args.new_tokens), "--batch-size",
+                   str(args.batch_size), "--modes", args.torch_modes]
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            torch_res = json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {proc.returncode}"}
+
+    print(f"\n{args.n} AdvBench prompts, <= {args.new_tokens} new tokens, greedy, fp32, batch {args.batch_size}")
+    print(f"{'side':34s} {'seconds':>9s} {'prompts/s':>10s} {'new tok':>8s}")
+    for r in runs:
+        print(f"{'safetrade ' + r['run']:34s} {r['seconds']:9.1f} {r['prompts_per_s']:10.2f} {r['new_tokens']:8d}")
+    ratios = {}
+    if torch_res and torch_res.get("ok"):
+        for mode, r in torch_res["results"].items():
+            print(f"{'torch ' + mode:34s} {r['seconds']:9.1f} {r['prompts_per_s']:10.2f} {r['new_tokens']:8d}")
+            ratios[mode] = runs[1]["prompts_per_s"] / r["prompts_per_s"]
+            ratios[mode + " (first run)"] = runs[0]["prompts_per_s"] / r["prompts_per_s"]
+        for k, v in ratios.items():
+            print(f"ratio safetrade/torch {k}: {v:.2f}x")
+        if "loop" in ratios:
+            print(f"goal >= {GOAL}x the torch loop: {'met' if ratios['loop'] >= GOAL else 'NOT met'}")
+    elif torch_res:
+        print(f"torch: {torch_res.get('error')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": date, "cpu": cpu_model(), "safetrade": runs, "torch": torch_res,
+                                               "ratios": ratios, "args": vars(args)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
