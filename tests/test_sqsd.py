@@ -1,0 +1,343 @@
+"""SQSD: per-example gradients, rank-space alignment algebra, scores, windows, bad input, baselines.
+
+Everything runs on the `tiny` preset (2 layers, hidden 64) with rank-4 adapters on all seven projections and a
+random lora_b (a fresh B = 0 would hide every B-side term). Tolerances: the quantities compared are O(1) cosines
+or gradients whose entries are at most ~1e-1, computed in fp32 (HIGHEST matmul precision) by two different
+orders of operations, so differences sit near 1e-7; 1e-5 leaves ~100x margin.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from safetrade import sqsd
+from safetrade.data.batching import make_batch
+from safetrade.models import llama, lora
+from safetrade.models.llama import LORA_TARGETS, LoraConfig
+from safetrade.train.losses import lm_loss
+
+CFG = llama.preset("tiny")
+MAX_LEN = 32  # one bucket: every batch here is [BATCH, 32], so each jitted function compiles once
+BATCH = 4
+N_TERMS = len(LORA_TARGETS) * CFG.num_layers  # (module, layer) pairs summed in P
+
+
+def make_examples(n: int, seed: int = 0) -> list[dict]:
+    """Random token rows of 10..28 tokens: a 3..7-token 'prompt' (mask 0) and a 'response' (mask 1)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length, prompt = int(rng.integers(10, 29)), int(rng.integers(3, 8))
+        mask = np.zeros(length, np.float32)
+        mask[prompt:] = 1
+        out.append({"input_ids": rng.integers(3, CFG.vocab_size, length).astype(np.int32), "loss_mask": mask,
+                    "id": f"s{i}"})
+    return out
+
+
+def random_params(cfg, seed: int) -> dict:
+    """Params drawn like llama.init (weights N(0, 0.02²), norm scales 1) plus, with cfg.lora, adapters with
+    lora_a ~ N(0, 1/in) and a random lora_b ~ N(0, 0.05²) (a fresh B = 0 would hide every B-side term).
+
+    Drawn with numpy from the abstract shapes: llama.init and add_adapters would each cost a few seconds of
+    tracing and compiling that this file's 30 s budget cannot spare.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            value = np.ones(leaf.shape)
+        elif name == "lora_a":
+            value = rng.normal(0, 1 / np.sqrt(leaf.shape[-2]), leaf.shape)
+        elif name == "lora_b":
+            value = rng.normal(0, 0.05, leaf.shape)
+        else:
+            value = rng.normal(0, 0.02, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, llama.abstract_params(cfg))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {"/".join(k.key for k in path): np.asarray(leaf, np.float64)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    """(lora cfg, params with trained-looking adapters, a second 'danger' adapter tree) on the tiny preset.
+
+    LoRA scale 1 (alpha = rank), so the safety side's official scaling override to 1 leaves the config equal and
+    the jitted gradient function is compiled once for both sides.
+    """
+    lora_cfg = CFG.replace(lora=LoraConfig(4, 4.0, LORA_TARGETS))
+    scored = random_params(lora_cfg, seed=0)
+    danger = lora.split(random_params(lora_cfg, seed=1))[1]
+    return lora_cfg, scored, danger
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples(8)
+
+
+@pytest.fixture(scope="module")
+def grads(model, examples):
+    """Per-example adapter gradients of the first BATCH examples, padded to MAX_LEN."""
+    lora_cfg, params, _ = model
+    batch = make_batch(examples[:BATCH], MAX_LEN)
+    losses, g = sqsd.per_example_grads(lora_cfg, params, batch, wrt="adapters")
+    return batch, np.asarray(losses), {k: np.asarray(v, np.float64) for k, v in g.items()}
+
+
+def test_vmapped_per_example_grads_equal_a_batch_of_one_loop(model, examples, grads):
+    lora_cfg, params, _ = model
+    _, losses, vmapped = grads
+    base, adapters = lora.split(params)
+    one_row = jax.jit(jax.value_and_grad(lambda a, b: lm_loss(lora_cfg, lora.combine(base, a), b)))
+    worst_grad, worst_loss, scale = 0.0, 0.0, 0.0
+    for i, example in enumerate(examples[:BATCH]):
+        loss, g = one_row(adapters, make_batch([example], MAX_LEN))  # one compile for all rows
+        worst_loss = max(worst_loss, abs(float(loss) - losses[i]))
+        for key, value in flat(g).items():
+            worst_grad = max(worst_grad, float(np.abs(vmapped[key][i] - value).max()))
+            scale = max(scale, float(np.abs(value).max()))
+    assert scale > 1e-3  # the comparison is not between zeros
+    assert worst_grad <= 1e-5, worst_grad
+    assert worst_loss <= 1e-5, worst_loss
+
+
+def induced_updates(params, grads, lr=1.0):
+    """Materialised δW = −lr·(G_A·B + A·G_B) per module, [S, L, in, out] in float64 (the reference)."""
+    out = {}
+    for target in LORA_TARGETS:
+        key = sqsd.MODULE_KEYS[target]
+        module = flat(params)
+        a, b = module[f"{key}/lora_a"], module[f"{key}/lora_b"]
+        ga, gb = grads[f"{key}/lora_a"], grads[f"{key}/lora_b"]
+        out[key] = -lr * (np.einsum("slnr,lrk->slnk", ga, b) + np.einsum("lnr,slrk->slnk", a, gb))
+    return out
+
+
+def reference_metric(updates, dense_directions, metric):
+    """[S, M, L] cosines / projections from materialised matrices, modules in sorted key order."""
+    columns = []
+    for key in sorted(updates):
+        u, d = updates[key], np.asarray(dense_directions[key], np.float64)
+        dot = np.einsum("slnk,lnk->sl", u, d)
+        d_norm = np.sqrt(np.einsum("lnk,lnk->l", d, d))
+        u_norm = np.sqrt(np.einsum("slnk,slnk->sl", u, u))
+        columns.append(dot / d_norm if metric == "projection" else dot / (u_norm * d_norm))
+    return np.stack(columns, axis=1)
+
+
+def test_rank_space_cosines_equal_materialised_matrices(model, grads):
+    lora_cfg, params, danger = model
+    _, _, g = grads
+    updates = induced_updates(params, g, lr=0.5)
+    rng = np.random.default_rng(5)
+    factored = sqsd.Directions.from_adapters(lora_cfg, danger)
+    dense = sqsd.Directions({k: sqsd.DenseDirection(jnp.asarray(rng.normal(size=v.shape), jnp.float32))
+                             for k, v in factored.modules.items()})
+    g_jax = {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}
+    for directions in (factored, dense):
+        terms = jax.device_get(sqsd.alignment_terms(params, g_jax, directions, 0.5, space="lora"))
+        materialised = {k: np.asarray(v.dense()) for k, v in directions.modules.items()}
+        for metric in sqsd.METRICS:
+            got = sqsd.module_metric(terms, metric)
+            want = reference_metric(updates, materialised, metric)
+            assert got.shape == (BATCH, len(LORA_TARGETS), CFG.num_layers)
+            # cosines are O(1): absolute 1e-5; projections scale with ‖δW‖, so relative to their largest value
+            error = np.abs(got - want).max() / (1.0 if metric == "cosine" else np.abs(want).max())
+            assert error <= 1e-5, (type(directions.modules[factored.keys[0]]).__name__, metric, error)
+            assert np.abs(want).max() > 1e-3
+
+
+def test_full_space_cosines_use_kernel_gradients(model, examples):
+    lora_cfg, params, danger = model
+    base = lora.split(params)[0]
+    directions = sqsd.Directions.from_adapters(lora_cfg, danger).dense()
+    batch = make_batch(examples[:BATCH], MAX_LEN)
+    _, g = sqsd.per_example_grads(CFG, base, batch, wrt=tuple(directions.keys))
+    terms = jax.device_get(sqsd.alignment_terms(base, g, directions, 1.0, space="full"))
+    updates = {k.removesuffix("/kernel"): -np.asarray(v, np.float64) for k, v in g.items()}
+    dense = {k: np.asarray(v.matrix) for k, v in directions.modules.items()}
+    error = np.abs(sqsd.module_metric(terms, "cosine") - reference_metric(updates, dense, "cosine")).max()
+    assert error <= 1e-5, error
+
+
+def aligned_direction(params, grads, row: int) -> sqsd.Directions:
+    """A rank-2r factored direction equal to row's induced update: δW = [−G_A, −A]·[B; G_B] (lr = 1)."""
+    module = flat(params)
+    modules = {}
+    for target in LORA_TARGETS:
+        key = sqsd.MODULE_KEYS[target]
+        a, b = module[f"{key}/lora_a"], module[f"{key}/lora_b"]
+        ga, gb = grads[f"{key}/lora_a"][row], grads[f"{key}/lora_b"][row]
+        left = np.concatenate([-ga, -a], axis=-1)  # [L, in, 2r]
+        right = np.concatenate([b, gb], axis=-2)  # [L, 2r, out]
+        modules[key] = sqsd.FactoredDirection(jnp.asarray(left, jnp.float32), jnp.asarray(right, jnp.float32))
+    return sqsd.Directions(modules)
+
+
+def test_sample_aligned_with_danger_direction_ranks_first(model, examples, grads):
+    lora_cfg, params, danger = model
+    _, _, g = grads
+    row = 2
+    probe = sqsd.DirectionProbe(lora_cfg, params, aligned_direction(params, g, row))
+    scores = sqsd.score_samples(examples, probe, metric="cosine", batch_size=BATCH, max_len=MAX_LEN)
+    # cos(δW, δW) = 1 in every (module, layer): P_danger = number of terms, the maximum possible
+    assert abs(scores.p_danger[row] - N_TERMS) <= 1e-4, scores.p_danger[row]
+    assert np.argmax(scores.score) == row
+    assert np.all(np.delete(scores.p_danger, row) < N_TERMS - 0.5)
+    windows = sqsd.rank_windows(scores, n_windows=4)
+    assert windows[0][0] == row
+
+    # The full score: danger at this state, safety at the safety adapter with its scaling overridden to 1.
+    assert sqsd.with_lora_scale(lora_cfg, 0.8).lora.scale == pytest.approx(0.8)
+    safe_cfg = sqsd.with_lora_scale(lora_cfg, 1.0)
+    assert safe_cfg.lora.scale == 1.0
+    safe_params = lora.combine(lora.split(params)[0], danger)
+    safety = sqsd.DirectionProbe(safe_cfg, safe_params, sqsd.Directions.from_adapters(safe_cfg, danger))
+    both = sqsd.score_samples(examples, probe, safety, batch_size=BATCH, max_len=MAX_LEN)
+    np.testing.assert_allclose(both.p_danger, scores.p_danger, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(both.score, both.p_danger - both.p_safe, rtol=0, atol=1e-12)
+    assert np.all(np.abs(both.p_safe) <= N_TERMS) and np.std(both.p_safe) > 0
+    projection = sqsd.score_samples(examples, probe, metric="projection", batch_size=BATCH, max_len=MAX_LEN)
+    assert projection.method == "sqsd-projection" and np.all(np.isfinite(projection.score))
+
+
+def test_windows_follow_the_official_linspace_starts():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=23)
+    values[[3, 7, 11]] = np.nan  # unscored samples are not ranked: 20 remain
+    order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:20]
+
+    windows = sqsd.rank_windows(values, n_windows=5)  # default size 20 // 5 = 4: a partition
+    assert [len(w) for w in windows] == [4] * 5
+    np.testing.assert_array_equal(np.concatenate(windows), order)
+
+    windows = sqsd.rank_windows(values, n_windows=5, window_size=3)
+    # np.linspace(0, 20 - 3, 5, dtype=int) = [0, 4, 8, 12, 17]: 0, 4.25, 8.5, 12.75, 17 truncated
+    for start, window in zip([0, 4, 8, 12, 17], windows):
+        np.testing.assert_array_equal(window, order[start:start + 3])
+    assert all(np.all(np.diff(values[w]) <= 0) for w in windows)  # each window in descending score order
+    with pytest.raises(sqsd.SQSDError, match="window size"):
+        sqsd.rank_windows(values, n_windows=5, window_size=21)
+
+
+def test_unscorable_samples_are_nan_and_flagged_and_truncation_is_counted(model, examples):
+    lora_cfg, params, danger = model
+    bad = [
+        {"input_ids": np.arange(3, 15, dtype=np.int32), "loss_mask": np.zeros(12, np.float32), "id": "all-masked"},
+        {"input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.float32), "id": "empty"},
+        # a target at position 0 has no preceding token, so it is not a target (as in train.losses)
+        {"input_ids": np.arange(3, 9, dtype=np.int32), "loss_mask": np.eye(1, 6, 0, np.float32)[0], "id": "first"},
+        {"input_ids": np.arange(3, 3 + 40, dtype=np.int32), "loss_mask": np.r_[np.zeros(5), np.ones(35)],
+         "id": "long"},
+    ]
+    mixed = examples[:3] + bad
+    probe = sqsd.DirectionProbe(lora_cfg, params, sqsd.Directions.from_adapters(lora_cfg, danger))
+    scores = sqsd.score_samples(mixed, probe, batch_size=BATCH, max_len=MAX_LEN)
+    by_id = dict(zip(scores.ids, range(len(mixed))))
+    for sample_id, flag in (("all-masked", "no_targets"), ("empty", "empty"), ("first", "no_targets")):
+        i = by_id[sample_id]
+        assert np.isnan(scores.score[i]) and np.isnan(scores.p_danger[i]) and flag in scores.flags[i]
+    assert scores.n_truncated == 1 and scores.flags[by_id["long"]] == ("truncated",)
+    assert np.isfinite(scores.score[by_id["long"]])  # scored on its first MAX_LEN tokens
+    assert np.all(np.isfinite(scores.score[:3]))
+    assert "4 of 7 samples scored" in scores.summary()
+    ranked = np.concatenate(sqsd.rank_windows(scores, n_windows=4))
+    assert set(ranked) == {0, 1, 2, by_id["long"]}
+    # baselines flag the same samples
+    assert np.array_equal(sqsd.random_scores(mixed, max_len=MAX_LEN).valid, scores.valid)
+
+
+def test_directions_that_do_not_fit_the_model_raise_naming_the_module(model):
+    lora_cfg, params, danger = model
+    partial = {k: v for k, v in danger.items()}
+    partial_cfg = lora_cfg.replace(lora=LoraConfig(4, 4.0, ("q_proj", "v_proj")))
+    directions = sqsd.Directions.from_adapters(partial_cfg, partial)
+    with pytest.raises(sqsd.DirectionsMismatch, match="blocks/attn/k_proj"):
+        sqsd.score_samples(make_examples(2), sqsd.DirectionProbe(lora_cfg, params, directions), max_len=MAX_LEN)
+
+    wrong = dict(sqsd.Directions.from_adapters(lora_cfg, danger).modules)
+    wrong["blocks/mlp/up_proj"] = sqsd.DenseDirection(jnp.zeros((2, 64, 64)))
+    with pytest.raises(sqsd.DirectionsMismatch, match=r"blocks/mlp/up_proj.*\(2, 64, 128\)"):
+        sqsd.Directions(wrong).check(lora_cfg)
+
+    base = lora.split(params)[0]
+    pruned = jax.tree.map(lambda x: x, base)
+    del pruned["blocks"]["mlp"]["down_proj"]
+    with pytest.raises(sqsd.DirectionsMismatch, match="blocks/mlp/down_proj"):
+        sqsd.Directions.from_checkpoints(base, pruned)
+    with pytest.raises(sqsd.DirectionsMismatch, match="merge"):
+        sqsd.Directions.from_checkpoints(base, params)
+    moved = jax.tree.map(lambda x: x + 1.0, base)
+    diff = sqsd.Directions.from_checkpoints(base, moved, targets=("q_proj",))
+    assert diff.keys == ["blocks/attn/q_proj"] and np.allclose(diff.modules["blocks/attn/q_proj"].matrix, 1.0)
+    with pytest.raises(sqsd.DirectionsMismatch, match="no direction for adapted module"):
+        diff.check(lora_cfg, "lora")
+    diff.check(CFG, "full")
+    with pytest.raises(sqsd.DirectionsMismatch, match="cfg.lora is None"):
+        diff.check(CFG, "lora")
+
+
+def test_write_jsonl_keeps_text_and_marks_unscored_rows(tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"question {i}", "response": f"answer {i}"} for i in range(4)]
+    scores = sqsd.SampleScores("sqsd", ["r0", "r1", "r3"], np.array([0.5, np.nan, 2.0]),
+                               {"p_danger": np.array([1.0, np.nan, 2.5]), "p_safe": np.array([0.5, np.nan, 0.5])},
+                               [(), ("no_targets",), ()])
+    path = sqsd.write_jsonl(tmp_path / "out" / "scores.jsonl", rows, scores, windows=[np.array([2]), np.array([0])])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["r0", "r1", "r2", "r3"]
+    assert lines[0]["prompt"] == "question 0" and lines[0]["rank"] == 2 and lines[0]["window"] == 2
+    assert lines[1]["score"] is None and lines[1]["flags"] == ["no_targets"] and lines[1]["rank"] is None
+    assert lines[2]["flags"] == ["not_scored"] and lines[2]["p_danger"] is None
+    assert lines[3]["rank"] == 1 and lines[3]["window"] == 1 and lines[3]["p_safe"] == 0.5
+    with pytest.raises(sqsd.SQSDError, match="no row"):
+        sqsd.write_jsonl(tmp_path / "x.jsonl", rows[:2], scores)
+
+
+def test_baselines(model, examples, grads):
+    lora_cfg, params, _ = model
+    _, _, g = grads
+    head = examples[:BATCH]
+
+    # Self-Inf-N from the same per-example gradients
+    scores = sqsd.self_influence_scores(head, cfg=lora_cfg, params=params, wrt="adapters", batch_size=BATCH,
+                                        max_len=MAX_LEN)
+    squared = sum((v.reshape(BATCH, -1) ** 2).sum(1) for v in g.values())
+    lengths = np.array([e["loss_mask"][1:].sum() for e in head])
+    np.testing.assert_allclose(scores.score, np.log(squared + 1) + np.log(lengths + 1), rtol=1e-5, atol=0)
+
+    # Gradient matching: with one harmful anchor equal to sample 1 (its whole response kept) and no refusal set,
+    # sample 1's harmful term is cos(g, g) = 1, the largest
+    anchor = dict(head[1])
+    matching = sqsd.gradient_matching_scores(head, cfg=lora_cfg, params=params, harmful_anchors=[anchor],
+                                             refusal_anchor_sets=[], harmful_prefix_tokens=MAX_LEN, wrt="adapters",
+                                             batch_size=BATCH, max_len=MAX_LEN)
+    assert abs(matching.components["harmful"][1] - 1.0) <= 1e-5 and np.argmax(matching.score) == 1
+    # bidirectional: the refusal set's term is subtracted
+    two_sided = sqsd.gradient_matching_scores(head, cfg=lora_cfg, params=params, harmful_anchors=[anchor],
+                                              refusal_anchor_sets=[[head[2]]], harmful_prefix_tokens=3,
+                                              wrt="adapters", batch_size=BATCH, max_len=MAX_LEN)
+    np.testing.assert_allclose(two_sided.score, two_sided.components["harmful"] - two_sided.components["refusal_1"],
+                               atol=1e-12)
+    assert abs(two_sided.components["refusal_1"][2] - 1.0) <= 1e-5
+
+    # Representation matching: a sample identical to a harmful anchor has top-1 cosine 1
+    anchors = [head[3], make_examples(1, seed=9)[0]]
+    rep = sqsd.representation_scores(head, cfg=lora_cfg, params=params, harmful_anchors=anchors, batch_size=BATCH,
+                                     max_len=MAX_LEN)
+    assert abs(rep.score[3] - 1.0) <= 1e-5 and np.argmax(rep.score) == 3
+
+    # Random: seeded
+    assert np.array_equal(sqsd.random_scores(head, seed=1).score, sqsd.random_scores(head, seed=1).score)
+    assert not np.array_equal(sqsd.random_scores(head, seed=1).score, sqsd.random_scores(head, seed=2).score)
