@@ -4,9 +4,9 @@ SQSD (Wang et al., ICML 2026; reconstructed from the official code in research/s
 training sample z, which way one plain SGD step on z would move the weights: towards a *danger* direction (a LoRA
 task vector trained on harmful data) or towards a *safety* direction (one trained on safe responses).
 
-    danger = DirectionProbe(init_cfg, init_params, Directions.from_adapters(danger_cfg, danger_adapters))
-    safety = DirectionProbe(with_lora_scale(safe_cfg, 1.0), safe_params,
-                            Directions.from_adapters(safe_cfg, safe_params))
+    # each pair is (lora_cfg, params), e.g. lora.load_peft(adapter_dir, cfg, base_params)
+    danger, safety = sqsd_probes(initial=(init_cfg, init_params), danger=(danger_cfg, danger_params),
+                                 safety=(safe_cfg, safe_params), safety_scale=1.0)
     scores = score_samples(examples, danger, safety)            # examples: formatting.encode_rows output
     windows = rank_windows(scores, n_windows=5)                 # S1 (highest risk) .. S5, index arrays
     write_jsonl("scores.jsonl", rows, scores, windows)
@@ -73,11 +73,11 @@ from safetrade.models.llama import LORA_TARGETS, LlamaConfig, Params
 from safetrade.train.losses import per_example_loss
 
 __all__ = [
-    "FLAGS", "INVALID_FLAGS", "METRICS", "SPACES", "DenseDirection", "DirectionProbe", "Directions",
-    "DirectionsMismatch", "FactoredDirection", "SQSDError", "SQSDWarning", "SampleScores", "Scorer",
-    "alignment_terms", "gradient_matching_scores", "module_metric", "per_example_grads", "rank_windows",
-    "random_scores", "representation_scores", "score_samples", "self_influence_scores", "with_lora_scale",
-    "write_jsonl",
+    "DEFAULT_MAX_LEN", "FLAGS", "INVALID_FLAGS", "METRICS", "MODULE_KEYS", "SPACES", "DenseDirection",
+    "DirectionProbe", "Directions", "DirectionsMismatch", "FactoredDirection", "SQSDError", "SQSDWarning",
+    "SampleScores", "Scorer", "alignment_terms", "gradient_matching_scores", "module_metric", "per_example_grads",
+    "random_scores", "rank_windows", "representation_scores", "score_samples", "self_influence_scores",
+    "sqsd_probes", "with_lora_scale", "write_jsonl",
 ]
 
 METRICS = ("cosine", "projection")
@@ -298,10 +298,11 @@ class DirectionProbe:
             for key in self.directions.keys:
                 try:
                     module = io.tree_get(adapters, _path(key))
-                    module["lora_a"], module["lora_b"]
                 except (KeyError, TypeError):
+                    module = {}
+                if not all(name in module for name in lora.ADAPTER_KEYS):
                     raise DirectionsMismatch(f"the scoring params have no lora_a/lora_b at {key!r}, which the "
-                                             "config targets") from None
+                                             "config targets")
             fresh = [k for k in self.directions.keys
                      if not np.any(np.asarray(io.tree_get(adapters, _path(k))["lora_b"]))]
             if fresh:
@@ -310,6 +311,24 @@ class DirectionProbe:
                               SQSDWarning, stacklevel=3)
         if not self.lr > 0:
             raise SQSDError(f"lr must be > 0, got {self.lr}")
+
+
+def sqsd_probes(initial: tuple[LlamaConfig, Params], danger: tuple[LlamaConfig, Params],
+                safety: tuple[LlamaConfig, Params], *, safety_scale: float = 1.0,
+                lr: float = 1.0) -> tuple[DirectionProbe, DirectionProbe]:
+    """The official pair of probes from three (lora_cfg, params) pairs, e.g. lora.load_peft results on one base:
+
+    danger: updates at the `initial` (benignly fine-tuned) adapter against the danger adapter's B·A;
+    safety: updates at the safety adapter itself, LoRA scaling overridden to `safety_scale`, against its own B·A.
+    """
+    initial_cfg, initial_params = initial
+    danger_cfg, danger_params = danger
+    safety_cfg, safety_params = safety
+    danger_probe = DirectionProbe(initial_cfg, initial_params, Directions.from_adapters(danger_cfg, danger_params),
+                                  lr=lr)
+    safety_probe = DirectionProbe(with_lora_scale(safety_cfg, safety_scale), safety_params,
+                                  Directions.from_adapters(safety_cfg, safety_params), lr=lr)
+    return danger_probe, safety_probe
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,12 +374,13 @@ def _trainable(params: Params, wrt) -> dict[str, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "wrt"))
-def per_example_grads(cfg: LlamaConfig, params: Params, batch, wrt="adapters"):
+def per_example_grads(cfg: LlamaConfig, params: Params, batch, *, wrt):
     """(losses [S], grads {leaf key: [S, ...]}) of each row's own response-only token-mean loss.
 
     `jax.vmap` over rows of `jax.grad` of the loss on a batch of one, so every row's gradient is exactly the
     batch-size-1 gradient of the official loop (right padding changes nothing: attention and loss masks hide it).
-    Rows without target tokens have loss 0 and gradient 0. `wrt` as in `_trainable`.
+    Rows without target tokens have loss 0 and gradient 0. `wrt` as in `_trainable` (required: jit caches a
+    static argument passed explicitly apart from its default, so a default would compile twice).
     """
     trainable = _trainable(params, wrt)
 
@@ -611,8 +631,9 @@ def rank_windows(scores: SampleScores | np.ndarray, n_windows: int = 5,
 
     As the official process_and_sample.py: sort descending, windows of `window_size` starting at
     `np.linspace(0, N − window_size, n_windows, dtype=int)`. N counts only finite scores (NaN samples are not
-    ranked). The default window_size N // n_windows makes the windows partition the ranking (up to the N mod
-    n_windows samples the last start skips); the official runs used 1000 of ~15,000.
+    ranked). With the default window_size N // n_windows the windows never overlap, and they partition the
+    ranking when n_windows divides N (otherwise the N mod n_windows leftover ranks fall between windows); the
+    official runs used 1000 of ~15,000.
     """
     values = np.asarray(scores.score if isinstance(scores, SampleScores) else scores, np.float64)
     valid = np.flatnonzero(np.isfinite(values))
@@ -748,13 +769,10 @@ def _weighted_row_sum(grads: dict, weights: jax.Array) -> dict:
 
 
 @jax.jit
-def _row_dots(grads: dict, targets: list[dict]) -> jax.Array:
-    """[S, K]: ⟨grads[s], targets[k]⟩ over all leaves."""
-    columns = []
-    for target in targets:
-        columns.append(sum(jnp.einsum("s...,...->s", g.astype(jnp.float32), target[k], precision=_HIGHEST)
-                           for k, g in grads.items()))
-    return jnp.stack(columns, axis=1)
+def _row_dot(grads: dict, target: dict) -> jax.Array:
+    """[S]: ⟨grads[s], target⟩ over all leaves (one anchor set per call, so one compile for any number of sets)."""
+    return sum(jnp.einsum("s...,...->s", g.astype(jnp.float32), target[k], precision=_HIGHEST)
+               for k, g in grads.items())
 
 
 def _mean_unit_gradient(cfg, params, prepared: _Prepared, wrt, batch_size, max_len, what: str) -> dict:
@@ -803,7 +821,7 @@ def gradient_matching_scores(examples: Sequence[dict], *, cfg: LlamaConfig, para
     for chosen, batch in _batches(prepared, batch_size, max_len):
         _, grads = per_example_grads(cfg, params, batch, wrt=wrt)
         norms = np.asarray(_row_norms(grads), np.float64)[: len(chosen)]
-        raw = np.asarray(_row_dots(grads, anchor_means), np.float64)[: len(chosen)]
+        raw = np.stack([np.asarray(_row_dot(grads, mean), np.float64) for mean in anchor_means], 1)[: len(chosen)]
         with np.errstate(divide="ignore", invalid="ignore"):
             dots[chosen] = raw / norms[:, None]  # a zero gradient gives NaN: flagged, never a silent 0
     names = ["harmful", *(f"refusal_{k}" for k in range(1, len(anchor_means)))]

@@ -168,8 +168,13 @@ def test_full_space_cosines_use_kernel_gradients(model, examples):
     terms = jax.device_get(sqsd.alignment_terms(base, g, directions, 1.0, space="full"))
     updates = {k.removesuffix("/kernel"): -np.asarray(v, np.float64) for k, v in g.items()}
     dense = {k: np.asarray(v.matrix) for k, v in directions.modules.items()}
-    error = np.abs(sqsd.module_metric(terms, "cosine") - reference_metric(updates, dense, "cosine")).max()
+    want = reference_metric(updates, dense, "cosine")
+    error = np.abs(sqsd.module_metric(terms, "cosine") - want).max()
     assert error <= 1e-5, error
+    # end to end through score_samples, from the factored danger adapter (made dense inside)
+    probe = sqsd.DirectionProbe(CFG, base, sqsd.Directions.from_adapters(lora_cfg, danger), space="full")
+    scores = sqsd.score_samples(examples[:BATCH], probe, batch_size=BATCH, max_len=MAX_LEN)
+    np.testing.assert_allclose(scores.p_danger, want.sum(axis=(1, 2)), rtol=0, atol=1e-5)
 
 
 def aligned_direction(params, grads, row: int) -> sqsd.Directions:
@@ -199,18 +204,23 @@ def test_sample_aligned_with_danger_direction_ranks_first(model, examples, grads
     windows = sqsd.rank_windows(scores, n_windows=4)
     assert windows[0][0] == row
 
-    # The full score: danger at this state, safety at the safety adapter with its scaling overridden to 1.
+    # The official pair: danger at an initial adapter against the danger adapter, safety at the safety adapter
+    # with its scaling overridden to 1 (the fixture's scale is already 1, so nothing recompiles).
     assert sqsd.with_lora_scale(lora_cfg, 0.8).lora.scale == pytest.approx(0.8)
-    safe_cfg = sqsd.with_lora_scale(lora_cfg, 1.0)
-    assert safe_cfg.lora.scale == 1.0
     safe_params = lora.combine(lora.split(params)[0], danger)
-    safety = sqsd.DirectionProbe(safe_cfg, safe_params, sqsd.Directions.from_adapters(safe_cfg, danger))
-    both = sqsd.score_samples(examples, probe, safety, batch_size=BATCH, max_len=MAX_LEN)
-    np.testing.assert_allclose(both.p_danger, scores.p_danger, rtol=0, atol=1e-9)
+    danger_probe, safety_probe = sqsd.sqsd_probes(initial=(lora_cfg, params), danger=(lora_cfg, danger),
+                                                  safety=(lora_cfg, safe_params), safety_scale=1.0)
+    assert safety_probe.cfg.lora.scale == 1.0 and safety_probe.params is safe_params
+    both = sqsd.score_samples(examples, danger_probe, safety_probe, batch_size=BATCH, max_len=MAX_LEN)
+    danger_only = sqsd.score_samples(examples, danger_probe, batch_size=BATCH, max_len=MAX_LEN)
+    np.testing.assert_allclose(both.p_danger, danger_only.score, rtol=0, atol=1e-12)
     np.testing.assert_allclose(both.score, both.p_danger - both.p_safe, rtol=0, atol=1e-12)
     assert np.all(np.abs(both.p_safe) <= N_TERMS) and np.std(both.p_safe) > 0
+    # The projection variant of the aligned sample: Σ ⟨δW, δW⟩/‖δW‖ = Σ_m ‖δW_m‖ (relative error; fp32 sums)
     projection = sqsd.score_samples(examples, probe, metric="projection", batch_size=BATCH, max_len=MAX_LEN)
-    assert projection.method == "sqsd-projection" and np.all(np.isfinite(projection.score))
+    norms = sum(np.sqrt((u[row] ** 2).sum(axis=(-2, -1))).sum() for u in induced_updates(params, g).values())
+    assert projection.method == "sqsd-projection"
+    assert abs(projection.p_danger[row] / norms - 1) <= 1e-5, (projection.p_danger[row], norms)
 
 
 def test_windows_follow_the_official_linspace_starts():
@@ -261,9 +271,8 @@ def test_unscorable_samples_are_nan_and_flagged_and_truncation_is_counted(model,
 
 def test_directions_that_do_not_fit_the_model_raise_naming_the_module(model):
     lora_cfg, params, danger = model
-    partial = {k: v for k, v in danger.items()}
     partial_cfg = lora_cfg.replace(lora=LoraConfig(4, 4.0, ("q_proj", "v_proj")))
-    directions = sqsd.Directions.from_adapters(partial_cfg, partial)
+    directions = sqsd.Directions.from_adapters(partial_cfg, danger)  # reads q_proj and v_proj only
     with pytest.raises(sqsd.DirectionsMismatch, match="blocks/attn/k_proj"):
         sqsd.score_samples(make_examples(2), sqsd.DirectionProbe(lora_cfg, params, directions), max_len=MAX_LEN)
 
