@@ -41,6 +41,18 @@ class LoopConfig:
     progress: bool = True
 
 
+def _tensorboard(out: Path | None):
+    """A tensorboardX writer under out/tensorboard when the package is installed (it is in the dev extra)."""
+    if out is None:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        log.info("tensorboardX is not installed: metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def _scalars(metrics) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -57,6 +69,8 @@ def run(
     """Train from `state` (or the newest checkpoint in out_dir/checkpoints) to cfg.steps; return the final state.
 
     `evaluate(state) -> dict` runs every eval_every steps and at the end; its numbers go to metrics.jsonl too.
+    With out_dir, every logged record also goes to TensorBoard event files in out_dir/tensorboard when
+    tensorboardX is installed (`tensorboard --logdir OUT_DIR/tensorboard`).
     """
     out = Path(out_dir) if out_dir is not None else None
     ckpt = None
@@ -69,6 +83,7 @@ def run(
             state, start = restored, restored_step
             log.warning("resumed from %s at step %d", ckpt.directory, start)
     metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None  # noqa: SIM115
+    board = _tensorboard(out)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, desc="train")
     last_good = start
     try:
@@ -93,6 +108,10 @@ def run(
             if metrics_file and ((k + 1) % cfg.log_every == 0 or is_last or any(n.startswith("eval/") for n in record)):
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                if board is not None:
+                    for name, value in record.items():
+                        if name != "step":
+                            board.add_scalar(name, value, k + 1)
             bar.set_postfix({n: f"{v:.4g}" for n, v in record.items() if n in ("loss_cap", "loss_proxy", "lam",
                                                                                 "distance", "tokens_per_s")})
             bar.update(1)
@@ -103,6 +122,8 @@ def run(
         bar.close()
         if metrics_file:
             metrics_file.close()
+        if board is not None:
+            board.close()
         if ckpt:
             ckpt.close()
     return state
