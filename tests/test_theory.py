@@ -65,11 +65,6 @@ def logistic_loss(X, y):
     return loss
 
 
-def dense_hessian(loss, params):
-    x0, unravel = ravel_pytree(params)
-    return np.asarray(jax.hessian(lambda x: loss(unravel(x)))(x0), np.float64)
-
-
 LOGISTIC_PARAMS = {"w": jnp.asarray([0.3, -0.2, 0.1, 0.0, 0.5, -0.4], jnp.float32), "b": jnp.asarray(0.1, jnp.float32)}
 
 # One loss object per toy problem, shared by the tests: the estimators jit with loss_fn as a static argument, so a
@@ -77,6 +72,14 @@ LOGISTIC_PARAMS = {"w": jnp.asarray([0.3, -0.2, 0.1, 0.0, 0.5, -0.4], jnp.float3
 QUAD_A, QUAD_Q = rotated(SPECTRUM)
 QUAD = quadratic(QUAD_A, np.zeros(len(SPECTRUM)))
 LOGISTIC = logistic_loss(*logistic_data(seed=0))
+_UNRAVEL = ravel_pytree(LOGISTIC_PARAMS)[1]
+# jitted once: eager jax.hessian would dispatch (and compile) hundreds of small ops
+_LOGISTIC_HESSIAN = jax.jit(jax.hessian(lambda x: LOGISTIC(_UNRAVEL(x))))
+
+
+def logistic_hessian(params):
+    """The full Hessian of LOGISTIC by autodiff (jacfwd of jacrev), as a float64 numpy matrix."""
+    return np.asarray(_LOGISTIC_HESSIAN(ravel_pytree(params)[0]), np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ LOGISTIC = logistic_loss(*logistic_data(seed=0))
 
 def test_grad_norm_and_hvp_match_dense_on_logistic_regression():
     loss = LOGISTIC
-    H = dense_hessian(loss, LOGISTIC_PARAMS)
+    H = logistic_hessian(LOGISTIC_PARAMS)
     v = landscape.random_direction(jax.random.key(3), LOGISTIC_PARAMS)
     expected = H @ flat(v)
     got = flat(jax.jit(landscape.hvp, static_argnums=0)(loss, LOGISTIC_PARAMS, v))
@@ -109,7 +112,7 @@ def test_power_iteration_with_deflation_finds_largest_magnitude_eigenpairs():
 
 def test_top_eigenvalue_of_logistic_hessian_matches_eigvalsh():
     loss = LOGISTIC
-    exact = np.linalg.eigvalsh(dense_hessian(loss, LOGISTIC_PARAMS))
+    exact = np.linalg.eigvalsh(logistic_hessian(LOGISTIC_PARAMS))
     ratio = abs(exact[-2]) / abs(exact[-1])
     assert ratio < 0.5  # the scaled feature makes the gap wide; 100 iterations leave a factor ≤ ratio^200
     pairs = landscape.top_eigenvalues(loss, LOGISTIC_PARAMS, k=1, iters=100)
@@ -210,12 +213,21 @@ def test_sphere_samples_reach_the_exact_supremum_in_two_dimensions():
     # 2000 uniform angles leave gaps ≲ 0.03 rad; near the smooth maximum the loss of the max is ≤ ½·f''·gap²,
     # well below 1e-3 relative.
     assert exact_sup * (1 - 1e-3) <= float(est.max) <= exact_sup * (1 + 1e-5)
-    # Uniform in the 2-D ball: (distance/r)² ~ Uniform(0, 1), mean ½ with standard error 0.29/√2000 = 0.0065.
-    key = jax.random.key(2)
-    dist = np.array([np.linalg.norm(np.asarray(landscape.sample_in_ball(jax.random.fold_in(key, i),
-                                                                        jnp.asarray(c, jnp.float32), r)) - c)
-                     for i in range(400)])
-    assert abs(np.mean((dist / r) ** 2) - 0.5) <= 4 * 0.29 / np.sqrt(400)
+
+
+def test_uniform_ball_sampling_has_the_volume_law():
+    # Uniform in the n-ball: P(dist ≤ ρ) = (ρ/r)ⁿ, so (dist/r)ⁿ ~ Uniform(0, 1): mean ½, standard error
+    # 0.29/√N; 4 standard errors (deterministic key). Uses the 12-parameter tree of the other quadratic tests.
+    center_flat = np.linspace(-1.0, 1.0, 12)
+    key, r, N = jax.random.key(2), 0.7, 300
+    dist = np.array([np.linalg.norm(flat(landscape.sample_in_ball(jax.random.fold_in(key, i), as_tree(center_flat), r))
+                                    - center_flat) for i in range(N)])
+    assert np.all(dist <= r * (1 + 1e-5))
+    assert abs(np.mean((dist / r) ** 12) - 0.5) <= 4 * 0.29 / np.sqrt(N)
+    sphere = landscape.sample_in_ball(key, as_tree(center_flat), r, where="sphere")
+    assert np.linalg.norm(flat(sphere) - center_flat) == pytest.approx(r, rel=1e-5)
+    with pytest.raises(ValueError):
+        landscape.sample_in_ball(key, as_tree(center_flat), r, where="cube")
 
 
 def test_smoothness_along_points_matches_dense_spectral_norm():
@@ -223,7 +235,7 @@ def test_smoothness_along_points_matches_dense_spectral_norm():
     points = [jax.tree.map(lambda x, s=s: x * s, LOGISTIC_PARAMS) for s in (0.0, 1.0, 3.0)]
     est = landscape.smoothness_along(loss, points, iters=100)
     for i, p in enumerate(points):
-        top = np.abs(np.linalg.eigvalsh(dense_hessian(loss, p))).max()
+        top = np.abs(np.linalg.eigvalsh(logistic_hessian(p))).max()
         assert abs(float(est.values[i]) - top) <= 1e-5 * top
     assert float(est.max) == pytest.approx(float(np.abs(np.asarray(est.values)).max()))
 
@@ -495,3 +507,33 @@ def test_case2_projected_descent_stays_in_ball_obeys_bounds_and_trades_worse_tha
     # Perfect proxy: Case I traces the Pareto frontier, so at matched safety gap Case II's capability gap is larger.
     assert np.all(np.isfinite(comparison.excess))
     assert np.all(comparison.excess > 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check: bound vs measured
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_check_flags_violations_and_writes_table_and_png(tmp_path):
+    from theory import check
+
+    pr = synthetic.make_problem(overlap=0.5, proxy_shift=0.3, seed=3)
+    with jax.enable_x64(True):
+        runs = synthetic.case2_runs(pr, [0.2, 1.0]) + synthetic.case1_runs(pr, [0.1, 1.0, 10.0])
+    checks = check.check_runs(runs)
+    assert len(checks) == 2 * 3 + 3  # lipschitz, smoothness, capability gain per Case II run; penalty per Case I
+    assert not any(c.violated for c in checks), check.format_table(checks)
+    # A run claiming a safety gap above L·r must be flagged on exactly that bound; a tolerance can absorb noise.
+    fake = {"name": "bad", "strategy": "case2", "distance": 0.5, "safety_gap": 1.2, "lipschitz_s": 2.0}
+    flagged = check.check_runs([fake])
+    assert [(c.bound_name, c.violated) for c in flagged] == [("lipschitz", True)]
+    assert flagged[0].slack == pytest.approx(-0.2)
+    assert not check.check_runs([fake], tolerance=0.25)[0].violated
+    table = check.format_table(checks + flagged)
+    assert "**VIOLATED**" in table and "10 checks, 1 violated." in table
+    assert check.summary(checks + flagged)["lipschitz"]["violated"] == 1
+    out = tmp_path / "bounds.png"
+    check.plot(checks + flagged, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        check.check_runs([{"strategy": "sft"}])

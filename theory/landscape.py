@@ -87,6 +87,11 @@ def random_direction(key: jax.Array, like: PyTree, kind: str = "normal") -> PyTr
     return treedef.unflatten(out)
 
 
+def stacked_random_directions(key: jax.Array, like: PyTree, count: int, kind: str = "normal") -> PyTree:
+    """`count` random directions as one pytree whose leaves carry a leading axis of size count."""
+    return jax.vmap(lambda k: random_direction(k, like, kind))(jax.random.split(key, count))
+
+
 def normalized(v: PyTree) -> PyTree:
     # The floor only matters for an exactly zero vector, where it keeps the result finite (zero) instead of NaN.
     return tree_scale(1.0 / jnp.maximum(tree_norm(v), 1e-30), v)
@@ -134,10 +139,10 @@ class Eigenpairs:
         return jax.tree.map(lambda x: x[i], self.eigenvectors)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("k", "iters"))
-def _power_iteration(loss_fn, params, key, *, k, iters):
-    template = random_direction(key, params)
-    found = jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), template)
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("iters",))
+def _power_iteration(loss_fn, params, starts, *, iters):
+    k = jax.tree.leaves(starts)[0].shape[0]
+    found = jax.tree.map(jnp.zeros_like, starts)
     slots = jnp.arange(k)
 
     def one_pair(i, carry):
@@ -149,7 +154,7 @@ def _power_iteration(loss_fn, params, key, *, k, iters):
         def deflated_hvp(v):
             return _orthogonalize(hvp(loss_fn, params, v), found, earlier)
 
-        v0 = normalized(_orthogonalize(random_direction(jax.random.fold_in(key, i), params), found, earlier))
+        v0 = normalized(_orthogonalize(jax.tree.map(lambda s: s[i], starts), found, earlier))
         v = jax.lax.fori_loop(0, iters, lambda _, v: normalized(deflated_hvp(v)), v0)
         v = normalized(_orthogonalize(v, found, earlier))
         hv = deflated_hvp(v)
@@ -158,7 +163,7 @@ def _power_iteration(loss_fn, params, key, *, k, iters):
         found = jax.tree.map(lambda b, x: b.at[i].set(x), found, v)
         return found, values.at[i].set(lam), residuals.at[i].set(residual)
 
-    dtype = jax.tree.leaves(template)[0].dtype
+    dtype = jax.tree.leaves(starts)[0].dtype
     # One compiled body for all k pairs (a Python loop would unroll k copies of the HVP graph into the program).
     found, values, residuals = jax.lax.fori_loop(0, k, one_pair, (found, jnp.zeros(k, dtype), jnp.zeros(k, dtype)))
     return values, found, residuals
@@ -172,7 +177,10 @@ def top_eigenvalues(loss_fn: LossFn, params: PyTree, k: int = 1, iters: int = 10
     so a small gap needs many iterations; check `residuals`. Memory: k parameter-sized vectors.
     """
     key = jax.random.key(0) if key is None else key
-    values, vectors, residuals = _power_iteration(loss_fn, params, key, k=k, iters=iters)
+    # Start vectors are drawn outside the jitted solver: the PRNG's compile is then shared by every loss_fn with the
+    # same parameter shapes instead of being repeated inside each loss-specific program.
+    starts = stacked_random_directions(key, params, k)
+    values, vectors, residuals = _power_iteration(loss_fn, params, starts, iters=iters)
     return Eigenpairs(values, vectors, residuals)
 
 
@@ -222,7 +230,7 @@ def _orthogonalize(w: PyTree, basis: PyTree, used: jax.Array) -> PyTree:
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_steps",))
-def _lanczos(loss_fn, params, v0, key, *, num_steps):
+def _lanczos(loss_fn, params, v0, spare, *, num_steps):
     m = num_steps
     v0 = normalized(v0)
     basis = jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, x.dtype), v0)
@@ -248,7 +256,10 @@ def _lanczos(loss_fn, params, v0, key, *, num_steps):
         broke = beta <= _breakdown_tol(v) * jnp.maximum(hv_norm, 1e-30)
 
         def restart(_):
-            fresh = random_direction(jax.random.fold_in(key, i), v)
+            # A fresh direction without a PRNG in the loop: the spare random vector, cyclically shifted by i so
+            # that repeated restarts do not retry the same vector (a shifted Gaussian vector is, with probability
+            # 1, not in the span of the basis).
+            fresh = jax.tree.map(lambda x: jnp.roll(x, i), spare)
             return normalized(_orthogonalize(fresh, basis, used)), jnp.zeros_like(beta)
 
         def keep(_):
@@ -282,9 +293,10 @@ def lanczos(loss_fn: LossFn, params: PyTree, num_steps: int, key: jax.Array | No
     key = jax.random.key(0) if key is None else key
     steps = min(num_steps, tree_size(params))
     if v0 is None:
-        v0 = random_direction(jax.random.fold_in(key, 1 << 20), params)
+        v0 = random_direction(jax.random.fold_in(key, 1), params)
     v0 = jax.tree.map(lambda x, p: x.astype(accumulation_dtype(p.dtype)), v0, params)
-    return LanczosResult(*_lanczos(loss_fn, params, v0, key, num_steps=steps))
+    spare = random_direction(jax.random.fold_in(key, 2), params)  # only used if the Krylov space is exhausted
+    return LanczosResult(*_lanczos(loss_fn, params, v0, spare, num_steps=steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,16 +395,10 @@ class LipschitzEstimate:
     trajectory: jax.Array  # [len(trajectory)] at the given points
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("n_samples", "where"))
-def _sampled_grad_norms(loss_fn, center, radius, key, *, n_samples, where):
-    def one(i):
-        return grad_norm(loss_fn, sample_in_ball(jax.random.fold_in(key, i), center, radius, where))
-
-    # lax.map runs the samples one after another: memory of one gradient, not n_samples of them.
-    return jax.lax.map(one, jnp.arange(n_samples))
-
-
 _jit_grad_norm = jax.jit(grad_norm, static_argnums=0)
+# Sampling is compiled apart from the loss: its program depends only on the parameter shapes, so one compile serves
+# every loss_fn, and points are drawn one at a time (memory of one extra parameter vector, not n_samples of them).
+_jit_sample_in_ball = jax.jit(sample_in_ball, static_argnames=("where",))
 
 
 def local_lipschitz(loss_fn: LossFn, center: PyTree, radius, n_samples: int = 16, key: jax.Array | None = None,
@@ -406,10 +412,10 @@ def local_lipschitz(loss_fn: LossFn, center: PyTree, radius, n_samples: int = 16
     """
     key = jax.random.key(0) if key is None else key
     center_norm = _jit_grad_norm(loss_fn, center)
-    if n_samples > 0:
-        sampled = _sampled_grad_norms(loss_fn, center, radius, key, n_samples=n_samples, where=where)
-    else:
-        sampled = jnp.zeros((0,), center_norm.dtype)
+    sampled = jnp.asarray([
+        _jit_grad_norm(loss_fn, _jit_sample_in_ball(jax.random.fold_in(key, i), center, radius, where=where))
+        for i in range(n_samples)
+    ], center_norm.dtype)
     along = jnp.asarray([_jit_grad_norm(loss_fn, p) for p in (trajectory or [])], center_norm.dtype)
     overall = jnp.max(jnp.concatenate([center_norm[None], sampled, along]))
     return LipschitzEstimate(overall, center_norm, sampled, along)
