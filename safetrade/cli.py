@@ -98,6 +98,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=Path, default=None, help="with --compare: write a PNG bar chart here")
     ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    sq = sub.add_parser(
+        "sqsd", help="score a benign pool for safety-degradation risk (SQSD or a baseline); JSONL + windows",
+        description="Per-sample risk scores of a benign training pool. SQSD needs three PEFT adapters on the same "
+                    "base model (written by `safetrade finetune lora.enabled=true`, OUT_DIR/adapter): --initial "
+                    "(briefly fine-tuned on benign data), --danger (fine-tuned on harmful compliance) and --safety "
+                    "(fine-tuned on refusals). Baselines: random, representation and gradient (He et al. 2024, "
+                    "anchored on the harmful Q+A attack set and refusals), self_inf (Self-Inf-N). Writes one JSON "
+                    "line per sample (text, score, components, rank, window, flags) and prints window sizes.")
+    sq.add_argument("--model", default=DEFAULT_MODEL, help="base model the adapters were trained on")
+    sq.add_argument("--method", default="sqsd", choices=["sqsd", "random", "representation", "gradient", "self_inf"],
+                    help="scorer (default: sqsd)")
+    sq.add_argument("--initial", type=Path, help="PEFT adapter dir of the benign 'initial' state (sqsd)")
+    sq.add_argument("--danger", type=Path, help="PEFT adapter dir of the danger direction (sqsd)")
+    sq.add_argument("--safety", type=Path, help="PEFT adapter dir of the safety direction (sqsd)")
+    sq.add_argument("--safety-scale", type=float, default=1.0, help="LoRA scaling override of the safety adapter")
+    sq.add_argument("--metric", choices=["cosine", "projection"], default="cosine",
+                    help="per-module alignment: cosine (official) or projection <dW, D>/|D| (default: cosine)")
+    sq.add_argument("--pool", default="capability",
+                    help="rows to score: a built set (capability, alignment, ...), a dataset name or a file")
+    sq.add_argument("--n", type=int, default=None, help="score only this many rows of the pool (seeded subset)")
+    sq.add_argument("--max-len", type=int, default=1024, help="longer samples are cut and flagged truncated")
+    sq.add_argument("--batch-size", type=int, default=8, help="samples per vmapped gradient batch (default: 8)")
+    sq.add_argument("--windows", type=int, default=5, help="equal windows over the ranking (default: 5)")
+    sq.add_argument("--seed", type=int, default=0, help="seed of the pool subset and of the random baseline")
+    sq.add_argument("--out", type=Path, default=Path("runs/sqsd/scores.jsonl"))
+
     demo = sub.add_parser("demo", help="the main job on the embedded default model",
                           description="Load the embedded default model and answer a few benign and harmful "
                                       "prompts (the full align -> fine-tune -> evaluate demo replaces this).")
@@ -224,7 +250,59 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+def cmd_sqsd(args) -> int:
+    import functools
+
+    from safetrade import config, sqsd
+    from safetrade.data import encode_rows, take
+    from safetrade.models import io, lora
+    from safetrade.tokenizer import load_tokenizer
+    from safetrade.train.jobs import rows_for
+
+    cfg, base = io.load_model(args.model)
+    tok = load_tokenizer(args.model)
+    data = config.DataSection(seed=args.seed)
+    rows = [r for r in rows_for(args.pool, data) if r.get("response")]
+    rows = take(rows, args.n, args.seed) if args.n else rows
+    examples, report = encode_rows(tok, rows, max_len=args.max_len, policy="truncate", dataset=args.pool)
+    print(report.summary(), file=sys.stderr)
+    common = dict(batch_size=args.batch_size, max_len=args.max_len)
+    if args.method == "sqsd":
+        missing = [f"--{n}" for n in ("initial", "danger", "safety") if getattr(args, n) is None]
+        if missing:
+            raise SafetradeError(f"sqsd needs {', '.join(missing)} (PEFT adapter directories)")
+        states = [lora.load_peft(getattr(args, n), cfg, base) for n in ("initial", "danger", "safety")]
+        danger, safety = sqsd.sqsd_probes(*states, safety_scale=args.safety_scale)
+        scores = sqsd.score_samples(examples, danger, safety, metric=args.metric, eos_id=tok.eos_token_id, **common)
+    elif args.method == "random":
+        scores = sqsd.random_scores(examples, seed=args.seed, max_len=args.max_len)
+    else:
+        anchors, _ = encode_rows(tok, take(rows_for("attack", data), 10, args.seed), max_len=args.max_len,
+                                 policy="truncate", dataset="harmful anchors")
+        scorer = {"representation": functools.partial(sqsd.representation_scores, harmful_anchors=anchors),
+                  "gradient": functools.partial(sqsd.gradient_matching_scores, harmful_anchors=anchors,
+                                                refusal_anchor_sets=[_refusal_anchors(tok, data, args, k)
+                                                                     for k in range(2)]),
+                  "self_inf": sqsd.self_influence_scores}[args.method]
+        scores = scorer(examples, cfg=cfg, params=base, **common)
+    windows = sqsd.rank_windows(scores, n_windows=args.windows)
+    path = sqsd.write_jsonl(args.out, rows, scores, windows)  # rows encode_rows dropped appear as not_scored
+    print(scores.summary())
+    print(f"{len(windows)} windows of {len(windows[0])} samples; wrote {path}")
+    return 0
+
+
+def _refusal_anchors(tok, data, args, k: int):
+    """He et al.'s refusal anchors: the 10 harmful anchor prompts answered with two different refusal phrasings."""
+    from safetrade.data import encode_rows, take
+    from safetrade.data.alignment import with_refusals
+    from safetrade.train.jobs import rows_for
+
+    rows = with_refusals(take(rows_for("attack", data), 10, args.seed), f"anchor-{k}", "attack")
+    return encode_rows(tok, rows, max_len=args.max_len, policy="truncate", dataset=f"refusal anchors {k}")[0]
+
+
+COMMANDS = {"sqsd": cmd_sqsd, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
             "finetune": cmd_train_job}
 
 

@@ -38,3 +38,19 @@ def test_generate_and_convert_on_the_embedded_model(tmp_path, capsys, smollm2_gg
     assert cli.main(["convert", str(smollm2_gguf), str(tmp_path / "hf")]) == 0
     cfg, _ = io.load_hf(tmp_path / "hf")
     assert cfg.num_layers == 30 and (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_sqsd_command_scores_a_pool_and_names_missing_adapters(tmp_path, capsys, smollm2_gguf):
+    out = tmp_path / "scores.jsonl"
+    assert cli.main(["sqsd", "--method", "random", "--pool", "capability", "--n", "20", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 20 and sorted(r["rank"] for r in rows) == list(range(1, 21))
+    assert {r["window"] for r in rows} == {1, 2, 3, 4, 5}
+    assert cli.main(["sqsd", "--pool", "capability", "--n", "4", "--out", str(out)]) == 2
+    assert "sqsd needs --initial, --danger, --safety" in capsys.readouterr().err
+
+
+def test_evaluate_compare_of_a_missing_file_is_a_clean_error(tmp_path, capsys):
+    assert cli.main(["evaluate", "--compare", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
