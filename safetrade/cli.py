@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--batch-size", type=int, default=8, help="samples per vmapped gradient batch (default: 8)")
     sq.add_argument("--windows", type=int, default=5, help="equal windows over the ranking (default: 5)")
     sq.add_argument("--seed", type=int, default=0, help="seed of the pool subset and of the random baseline")
-    sq.add_argument("--out", type=Path, default=Path("runs/sqsd/scores.jsonl"))
+    sq.add_argument("--out", type=Path, default=Path("runs/sqsd/scores.jsonl"),
+                    help="JSONL to write (default: runs/sqsd/scores.jsonl)")
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model",
                           description="Load the embedded default model and answer a few benign and harmful "
