@@ -62,8 +62,11 @@ def tree_scale(alpha, x: PyTree) -> PyTree:
 
 
 def tree_sub(x: PyTree, y: PyTree) -> PyTree:
-    return jax.tree.map(lambda xi, yi: xi.astype(accumulation_dtype(xi.dtype)) - yi.astype(accumulation_dtype(yi.dtype)),
-                        x, y)
+    """x − y, leafwise, in the accumulation dtype (a bf16 difference of nearby weights would lose its digits)."""
+    def sub(a, b):
+        return a.astype(accumulation_dtype(a.dtype)) - b.astype(accumulation_dtype(b.dtype))
+
+    return jax.tree.map(sub, x, y)
 
 
 def tree_size(tree: PyTree) -> int:
