@@ -238,6 +238,11 @@ def test_smoothness_along_points_matches_dense_spectral_norm():
         top = np.abs(np.linalg.eigvalsh(logistic_hessian(p))).max()
         assert abs(float(est.values[i]) - top) <= 1e-5 * top
     assert float(est.max) == pytest.approx(float(np.abs(np.asarray(est.values)).max()))
+    # Lanczos variant on the quadratic (|λ| largest = 10, from the positive end); 12 steps = n, so exact.
+    quad = landscape.smoothness_along(QUAD, [as_tree(np.zeros(12))], method="lanczos", num_steps=12)
+    assert float(quad.values[0]) == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(ValueError):
+        landscape.smoothness_along(QUAD, [as_tree(np.zeros(12))], method="arnoldi")
 
 
 # ---------------------------------------------------------------------------------------------------------------
