@@ -49,7 +49,8 @@ def main(argv=None) -> None:
                           [f"model.name={args.aligned}", f"out_dir={args.out / label}", *overrides, *args.overrides])
         trainings[label] = run_train_job(job)
         models.append(str(args.out / label / "hf"))
-    results = [evaluate_model(m, args.n_harmful, args.n_benign, 48, 16, 0) for m in models]
+    results = [evaluate_model(m, args.n_harmful, args.n_benign, 48, 16, 0, out=args.out / f"eval_{k}.json")
+               for k, m in enumerate(models)]
     for r, label in zip(results, ["aligned", *trainings]):
         r["label"] = label
     report(results, args.out, {"trainings": trainings})

@@ -3,50 +3,43 @@
     python experiments/safety_eval.py --model smollm2-135m-instruct --model runs/align/hf --out runs/align_eval
 
 For each model: keyword refusal rate on held-out harmful prompts (StrongREJECT + HarmBench-eval, never used for
-alignment), refusal rate on held-out benign prompts (GSM8K-eval + ShareGPT-eval: over-refusal), and the token-mean
-loss on held-out benign responses (GSM8K-eval worked answers). Greedy decoding, 48 new tokens.
+alignment), refusal rate on held-out benign prompts (GSM8K-eval + ShareGPT-eval: over-refusal), the token-mean
+loss on held-out benign responses (GSM8K-eval worked answers) and the refusal margin. Greedy decoding, 48 new
+tokens. A thin layer over `safetrade evaluate` (safetrade/evaluate/suite.py): the same numbers as
+`safetrade evaluate harmful=[heldout] benign=heldout loss_sets=[gsm8k_eval] judges=[keyword] max_new_tokens=48`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 
-def evaluate_model(model: str, n_harmful: int, n_benign: int, max_new_tokens: int, batch_size: int, seed: int):
-    from safetrade.data import build_safety_data, encode_rows, make_batch, take
-    from safetrade.evaluate.refusal import refusal_rate
-    from safetrade.models import io
-    from safetrade.tokenizer import load_tokenizer
-    from safetrade.train.jobs import mean_loss
+def evaluate_model(model: str, n_harmful: int, n_benign: int, max_new_tokens: int, batch_size: int, seed: int,
+                   out: Path | None = None) -> dict:
+    """The suite (safetrade.evaluate.suite) with this study's settings; returns its headline numbers + record."""
+    from safetrade.evaluate.suite import EvalConfig, run_evaluation
 
-    data = build_safety_data(seed)
-    cfg, params = io.load_model(model)
-    tok = load_tokenizer(model)
-    harmful = [r["prompt"] for r in take(data.eval_harmful, n_harmful, seed=seed)]
-    benign_rows = take(data.eval_benign, n_benign, seed=seed)
-    benign = [r["prompt"] for r in benign_rows]
-    start = time.perf_counter()
-    harm = refusal_rate(cfg, params, tok, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        desc="harmful")
-    ben = refusal_rate(cfg, params, tok, benign, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       desc="benign")
-    with_answers = [r for r in data.eval_benign if r.get("response") and r.get("source", "").startswith("gsm8k")]
-    examples, _ = encode_rows(tok, take(with_answers, n_benign, seed=seed), max_len=384, dataset="benign-loss")
-    batches = [make_batch(examples[i:i + 8], 384, pad_id=tok.pad_token_id or 0) for i in range(0, len(examples), 8)]
+    record = run_evaluation(EvalConfig(
+        model=model, harmful=("heldout",), n_harmful=n_harmful, benign="heldout", n_benign=n_benign,
+        loss_sets=("gsm8k_eval",), loss_rows=n_benign, max_len=384, judges=("keyword",),
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed), out=out)
+    m = record["metrics"]
     return {
         "model": model,
-        "harmful_refusal_rate": harm["refusal_rate"],
-        "benign_refusal_rate": ben["refusal_rate"],
-        "benign_answer_rate": 1.0 - ben["refusal_rate"],
-        "benign_loss": mean_loss(cfg, params, batches),
-        "n_harmful": harm["n"], "n_benign": ben["n"], "n_benign_loss_rows": len(examples),
-        "seconds": time.perf_counter() - start,
-        "samples": {"harmful": harm["samples"][:20], "benign": ben["samples"][:20]},
+        "harmful_refusal_rate": 1.0 - m["asr/heldout"],
+        "benign_refusal_rate": m["over_refusal/heldout"],
+        "benign_answer_rate": 1.0 - m["over_refusal/heldout"],
+        "benign_loss": m["loss/gsm8k_eval"],
+        "refusal_margin": m["refusal_margin/heldout"],
+        "n_harmful": m["detail/harmful/heldout"]["n"], "n_benign": m["detail/benign/heldout"]["n"],
+        "n_benign_loss_rows": m["detail/loss/gsm8k_eval"]["n"],
+        "model_fingerprint": record["model"]["fingerprint"],
+        "samples": {"harmful": record["samples"]["harmful:heldout"][:20],
+                    "benign": record["samples"]["benign:heldout"][:20]},
     }
 
 
@@ -84,8 +77,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [evaluate_model(m, args.n_harmful, args.n_benign, args.max_new_tokens, args.batch_size, args.seed)
-               for m in args.model]
+    results = [evaluate_model(m, args.n_harmful, args.n_benign, args.max_new_tokens, args.batch_size, args.seed,
+                              out=args.out / f"eval_{k}.json") for k, m in enumerate(args.model)]
     report(results, args.out, {"args": {k: str(v) for k, v in vars(args).items()}})
 
 

@@ -50,7 +50,7 @@ class EvalConfig:
     n_benign: int | None = 100
     gsm8k: int = 0  # questions of the held-out GSM8K part to solve; 0 skips
     gsm8k_max_new_tokens: int = 256
-    loss_sets: tuple[str, ...] = ()  # built sets (alignment | proxy | capability | attack) or datasets with responses
+    loss_sets: tuple[str, ...] = ()  # gsm8k_eval, built sets (alignment | proxy | capability | attack), datasets
     loss_rows: int = 64
     margin: bool = True
     judges: tuple[str, ...] = ("keyword", "classifier")
@@ -120,11 +120,14 @@ def gsm8k_subset(n: int) -> list[dict]:
 
 
 def loss_rows(name: str, n: int, seed: int) -> list[dict]:
+    """Rows with responses: "gsm8k_eval" (held-out GSM8K worked answers), a built set, or a dataset/file."""
     from safetrade.config import DataSection
     from safetrade.data import take
+    from safetrade.data.alignment import gsm8k_rows
     from safetrade.train.jobs import rows_for
 
-    rows = [r for r in rows_for(name, DataSection(seed=seed)) if r.get("response")]
+    source = gsm8k_rows("eval") if name == "gsm8k_eval" else rows_for(name, DataSection(seed=seed))
+    rows = [r for r in source if r.get("response")]
     return take(rows, min(n, len(rows)), seed)
 
 
