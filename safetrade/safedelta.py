@@ -71,11 +71,30 @@ Ablations (SafeDeltaConfig.ablation), in either mode; only the named part change
                        is applied: *equal estimated safety cost*, not equal count (kept_fraction shows the count);
     "magnitude"        order by |δw| descending (H still prices each entry, only the order ignores it).
 
+Where the paper and the official code disagree (official mode follows the code, paper mode the paper):
+    * safety cost of entry (i, j): code δw²/d_j² with d_j² the sequential [(H_{j:,j:})⁻¹]_00; paper
+      δw²/(2[H⁻¹]_jj) with the full inverse;
+    * budget: code mean(1/d_j²)·(s/2)·(rows/4096) per block of 2048 input columns (so it grows with the number
+      of output rows and is s/2 even for a narrow tail block); paper ε = s·mean 1/(2[H⁻¹]_jj) per layer (that
+      formula is second-hand: from summaries of the PDF). Neither scales with the size of ΔW;
+    * candidates: the code never selects the last 15 % of each block's ratio order; the paper has no exclusion;
+    * prefix test: code cumsum ≤ budget; paper Σ δL < ε;
+    * compensation: code = sequential OBS from left to right (only later columns of a row receive it, a
+      selected later entry is overwritten with W_sft, losses of later blocks are measured on compensated
+      weights, no propagation inside a 4-column group); paper = Σ of single-entry OBS completions, applied at
+      once to every unselected entry of the row, earlier columns included;
+    * other parameters: the code keeps the aligned embeddings/norms/lm_head; the paper does not say;
+    * H: the code recomputes it per request from 128 self-generated safety samples; the paper describes H⁻¹ as
+      computed once and cached. (`adjust_delta`'s own default blocksize is 1024; the runner passes 2048.)
+
 Stats per layer (all float32 scalars): kept_fraction; utility_fraction = Σ_{m∈S} δw_m² / Σ_m δw_m² (the paper's
-utility proxy, δw = W_sft − W_orig); spent and budget, both in ½ΔᵀHΔ units (the official code's
-own numbers are twice these, since it drops the ½); quadratic_increase = ½ tr(Δ H_d Δᵀ) of the returned weights
-and quadratic_increase_finetuned of W_sft, with H_d the damped H the method used; damping (the fraction of
-mean(diag H) actually added, > cfg.damp when the fallback fired); factor_ok.
+utility proxy, δw = W_sft − W_orig); spent and budget, both in ½ΔᵀHΔ units (the official code's own numbers are
+twice these, since it drops the ½); quadratic_increase = ½ tr(Δ H_d Δᵀ) of the returned weights and
+quadratic_increase_finetuned of W_sft, with H_d the damped H the method used (in paper mode with many selected
+entries per row quadratic_increase can far exceed spent: the additive estimate is exact only for one entry per
+row); damping (the fraction of mean(diag H) actually added, > cfg.damp when the fallback fired);
+factor_residual (‖H·(H⁻¹v) − v‖/‖v‖ for a fixed probe v through the factor actually used: ~eps·cond(H), a cheap
+warning sign of an ill-conditioned H); factor_ok.
 
 Damping fallback: in float32 an ill-conditioned or (through rounding) indefinite H shows up as a Cholesky factor
 with non-finite entries. The damping fraction is then multiplied by 10 until the factor is finite with a positive
@@ -131,6 +150,8 @@ class SafeDeltaError(SafetradeError):
 
 @dataclasses.dataclass(frozen=True)
 class SafeDeltaConfig:
+    """Safe Delta settings; the defaults are the official run's (s = 0.1, 1 % damping, blocks of 2048, 15 %)."""
+
     s: float = 0.1  # budget scale (official CLI --scale default 0.1; its scripts use 0.1 or 0.11)
     mode: str = "official"
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
@@ -189,6 +210,18 @@ def _inverse_via_factor(h: jax.Array) -> jax.Array:
     """H⁻¹ = UᵀU from the upper factor above (symmetric by construction)."""
     u = _upper_factor_of_inverse(h)
     return jnp.matmul(u.T, u, precision=_HIGHEST)
+
+
+def _probe_residual(h: jax.Array, apply_inverse) -> jax.Array:
+    """‖H · apply_inverse(v) − v‖ / ‖v‖ for a fixed ±1 probe v: an O(n²) check of how well the factor inverts H.
+
+    Reported, never acted on: fp32 factors of ill-conditioned H carry a residual of roughly eps · cond(H), and
+    the official code uses them as they are; only a non-finite factor (where torch would raise) triggers the
+    damping fallback.
+    """
+    probe = jnp.where(jnp.arange(h.shape[0]) % 3 == 1, -1.0, 1.0).astype(jnp.float32)
+    recovered = jnp.matmul(h, apply_inverse(probe), precision=_HIGHEST)
+    return jnp.linalg.norm(recovered - probe) / jnp.linalg.norm(probe)
 
 
 def _factor_is_usable(factor: jax.Array) -> jax.Array:
@@ -265,8 +298,10 @@ def _candidate_count(n: int, exclude_frac: float) -> int:
 
 def _knobs(cfg: SafeDeltaConfig, kernel_shape) -> dict:
     d_in, d_out = kernel_shape[-2:]
+    # Paper mode ignores these; its structure's default block size keeps the array's shape (and so the compiled
+    # function) the same whatever block_size the caller's config carries.
     candidates = [_candidate_count(d_out * (stop - start), cfg.exclude_frac)
-                  for start, stop in _block_bounds(d_in, cfg.block_size)]
+                  for start, stop in _block_bounds(d_in, _structure(cfg).block_size)]
     return {
         "s": jnp.float32(cfg.s),
         "damp": jnp.float32(cfg.damp),
@@ -414,6 +449,8 @@ def _official(w_aligned, w_finetuned, hessian, knobs: dict, key, structure: Safe
         "quadratic_increase": _quadratic_increase(w - w0, h),
         "quadratic_increase_finetuned": _quadratic_increase(w_sft - w0, h),
         "damping": damp,
+        "factor_residual": _probe_residual(h, lambda v: jnp.matmul(u.T, jnp.matmul(u, v, precision=_HIGHEST),
+                                                                    precision=_HIGHEST)),
         "factor_ok": ok,
     }
     if with_mask:
@@ -452,6 +489,7 @@ def _paper(w_aligned, w_finetuned, hessian, knobs: dict, key, structure: SafeDel
         "quadratic_increase": _quadratic_increase(w - w0, h),
         "quadratic_increase_finetuned": _quadratic_increase(delta, h),
         "damping": damp,
+        "factor_residual": _probe_residual(h, lambda v: jnp.matmul(h_inv, v, precision=_HIGHEST)),
         "factor_ok": ok,
     }
     if with_mask:
