@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=Path, default=None, help="with --compare: write a PNG bar chart here")
     ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    sd = sub.add_parser(
+        "safedelta", help="Safe Delta: make a fine-tuned model safer from its aligned parent (HF dir + report)",
+        description="Safety Hessians from the aligned model on calibration rows (cached by model + data "
+                    "fingerprint), the Safe Delta transform of every q/k/v/o/gate/up/down kernel, an HF dir and a "
+                    "report (per-layer kept fraction, safety cost spent vs budget, time per stage, PNG). Settings "
+                    "are KEY=VALUE fields of safetrade.safedelta_job.SafeDeltaJob, e.g. aligned=runs/align/hf "
+                    "finetuned=runs/attack/hf out_dir=runs/safedelta s=0.1 mode=official ablation=no_compensation. "
+                    "`finetuned` may be a PEFT adapter dir trained on the aligned model (merged first).")
+    sd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SafeDeltaJob fields, e.g. s=0.05")
+    sd.add_argument("--config", type=Path, default=None, help="YAML file of SafeDeltaJob fields")
+    sd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
     sq = sub.add_parser(
         "sqsd", help="score a benign pool for safety-degradation risk (SQSD or a baseline); JSONL + windows",
         description="Per-sample risk scores of a benign training pool. SQSD needs three PEFT adapters on the same "
@@ -251,6 +263,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_safedelta(args) -> int:
+    from safetrade import config
+    from safetrade.safedelta_job import SafeDeltaJob, run_safe_delta_job
+
+    job = config.load(SafeDeltaJob, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(job), sort_keys=False))
+        return 0
+    config.save(job, Path(job.out_dir) / "config.yaml")
+    summary = run_safe_delta_job(job)
+    print(json.dumps({k: summary[k] for k in ("timings", "kept_fraction", "calibration")}, indent=2))
+    if summary["damping_fallbacks"]:
+        print(f"{len(summary['damping_fallbacks'])} layer(s) needed more damping; see report.json", file=sys.stderr)
+    print(f"wrote {Path(job.out_dir) / 'hf'} and {Path(job.out_dir) / 'report.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_sqsd(args) -> int:
     import functools
 
@@ -303,7 +334,7 @@ def _refusal_anchors(tok, data, args, k: int):
     return encode_rows(tok, rows, max_len=args.max_len, policy="truncate", dataset=f"refusal anchors {k}")[0]
 
 
-COMMANDS = {"sqsd": cmd_sqsd, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
             "finetune": cmd_train_job}
 
 
