@@ -1,0 +1,105 @@
+"""Safe Delta on attacked and benign fine-tunes: s sweep, ablations, safety-utility curve.
+
+    python experiments/safedelta.py --aligned runs/align/hf --attacked runs/strategies/sft/hf \
+        --benign runs/benign/hf --out runs/safedelta_study [--s 0.02 0.05 0.1 0.2 0.5] [--ablations no_compensation]
+
+For each fine-tune (attacked: harmful Q+A; benign: GSM8K capability set) and each s, runs `safetrade safedelta`
+(safetrade/safedelta_job.py; the safety Hessians are computed once and reused from the cache), then evaluates the
+aligned model, each fine-tune and each Safe Delta result with the evaluation suite: keyword ASR on held-out harmful
+prompts, over-refusal on held-out benign prompts, and utility = response loss on held-out GSM8K answers (lower is
+better; the benign fine-tune's "utility gain" is the aligned loss minus the fine-tuned loss). Ablations run at the
+first s only. Writes result.json and curve.png (ASR vs utility gain, one line per fine-tune over s) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def evaluate(model: str, out: Path, n: int, seed: int) -> dict:
+    from safetrade.evaluate.suite import EvalConfig, run_evaluation
+
+    record = run_evaluation(EvalConfig(model=model, harmful=("heldout",), n_harmful=n, benign="heldout", n_benign=n,
+                                       loss_sets=("gsm8k_eval",), loss_rows=n, max_len=384, judges=("keyword",),
+                                       max_new_tokens=48, seed=seed, margin=True), out=out)
+    m = record["metrics"]
+    return {"model": model, "asr": m["asr/heldout"], "over_refusal": m["over_refusal/heldout"],
+            "gsm8k_loss": m["loss/gsm8k_eval"], "refusal_margin": m["refusal_margin/heldout"]}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aligned = results["aligned"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (name, runs) in enumerate(results["finetunes"].items()):
+        base = runs["finetuned"]
+        sweep = sorted(runs["safedelta"], key=lambda r: r["s"])
+        gain = [aligned["gsm8k_loss"] - r["gsm8k_loss"] for r in sweep]
+        ax.plot(gain, [r["asr"] for r in sweep], "o-", color=f"C{k}", label=f"{name}: Safe Delta over s")
+        for r, g in zip(sweep, gain):
+            ax.annotate(f"s={r['s']}", (g, r["asr"]), fontsize=7)
+        ax.plot([aligned["gsm8k_loss"] - base["gsm8k_loss"]], [base["asr"]], "x", color=f"C{k}", ms=10,
+                label=f"{name}: fine-tuned")
+        for r in runs["ablations"]:
+            ax.plot([aligned["gsm8k_loss"] - r["gsm8k_loss"]], [r["asr"]], "s", color=f"C{k}", mfc="none",
+                    label=f"{name}: {r['ablation']} (s={r['s']})")
+    ax.plot([0], [aligned["asr"]], "k*", ms=12, label="aligned")
+    ax.set_xlabel("utility gain: aligned GSM8K-eval loss − model's")
+    ax.set_ylabel("ASR on held-out harmful prompts (keyword)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    from safetrade.safedelta_job import SafeDeltaJob, run_safe_delta_job
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--aligned", required=True, help="aligned model (HF dir)")
+    p.add_argument("--attacked", default=None, help="harmful fine-tune of it (HF dir or PEFT adapter dir)")
+    p.add_argument("--benign", default=None, help="benign fine-tune of it (HF dir or PEFT adapter dir)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--s", type=float, nargs="+", default=[0.1], help="budget scales to sweep (default 0.1)")
+    p.add_argument("--mode", default="official", choices=["official", "paper"], help="Safe Delta rule")
+    p.add_argument("--ablations", nargs="*", default=["no_compensation"],
+                   help="ablations run at the first s (default: no_compensation)")
+    p.add_argument("--n-eval", type=int, default=100, help="held-out harmful and benign prompts (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation subset seed")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    finetunes = {name: path for name, path in (("attacked", args.attacked), ("benign", args.benign)) if path}
+    if not finetunes:
+        p.error("give --attacked and/or --benign")
+
+    results = {"args": {k: str(v) for k, v in vars(args).items()},
+               "aligned": evaluate(args.aligned, args.out / "eval_aligned.json", args.n_eval, args.seed),
+               "finetunes": {}}
+    for name, path in finetunes.items():
+        runs = {"finetuned": evaluate(path, args.out / f"eval_{name}.json", args.n_eval, args.seed),
+                "safedelta": [], "ablations": []}
+        settings = [(s, None) for s in args.s] + [(args.s[0], a) for a in args.ablations]
+        for s, ablation in settings:
+            label = f"{name}_s{s}" + (f"_{ablation}" if ablation else "")
+            summary = run_safe_delta_job(SafeDeltaJob(aligned=args.aligned, finetuned=path, out_dir=str(args.out / label),
+                                                      s=s, mode=args.mode, ablation=ablation))
+            row = {**evaluate(str(args.out / label / "hf"), args.out / f"eval_{label}.json", args.n_eval, args.seed),
+                   "s": s, "ablation": ablation, "kept_fraction": summary["kept_fraction"],
+                   "timings": summary["timings"]}
+            runs["ablations" if ablation else "safedelta"].append(row)
+            print(f"{label}: ASR {row['asr']:.0%}, over-refusal {row['over_refusal']:.0%}, GSM8K loss "
+                  f"{row['gsm8k_loss']:.4f}, kept {row['kept_fraction']:.1%}", flush=True)
+        results["finetunes"][name] = runs
+        (args.out / "result.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "curve.png")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
