@@ -18,8 +18,8 @@ import pytest
 from safetrade.models import llama
 from safetrade.safedelta import (
     SafeDeltaConfig,
-    _candidate_count,
     SafeDeltaError,
+    _candidate_count,
     collect_hessians,
     hessians_from_activations,
     official_layer,
@@ -178,7 +178,7 @@ def test_paper_greedy_equals_brute_force(selected_entries):
     assert float(stats["budget"]) == pytest.approx(epsilon, rel=1e-5)
     assert float(stats["kept_fraction"]) == pytest.approx(selected_entries / 6)
     exact = quadratic_increase(expected, w0, h)
-    assert float(stats["quadratic_increase"]) == pytest.approx(exact, rel=1e-4)
+    assert float(stats["quadratic_increase"]) == pytest.approx(exact, rel=1e-5)  # measured <= 2e-7
     if mask_module.sum(axis=1).max() == 1:  # one entry per row: C_m makes the exact increase equal Σ δL_m
         assert exact == pytest.approx(cost[mask_module].sum(), rel=1e-10)
 
@@ -446,7 +446,8 @@ def pair():
 def test_stacked_equals_per_layer_loop(pair):
     """lax.map over [L, in, out] (and its vmapped batches) equals calling the layer function per layer.
 
-    Same float32 program per layer, so agreement is to rounding of fused kernels: 1e-6 relative to the weights.
+    Same float32 program per layer: measured bit-identical on CPU; 1e-7 absolute (1e-6 of the 0.1-scale weights)
+    leaves room for a backend that fuses the mapped body differently.
     """
     aligned, finetuned, hessians = pair
     cfg = SafeDeltaConfig(s=1.0)
@@ -555,8 +556,9 @@ def test_collect_hessians_matches_direct_computation(tmp_path):
       o_proj / down_proj inputs: perturbing the layer-0 kernel by E changes layer 0's output by exactly X·E
         (both add straight into the residual), so Σ‖ΔY‖² = tr(Eᵀ (Σ XᵀX) E);
       mlp_input: with layer 0's down_proj zeroed the MLP adds nothing, so its input is RMSNorm(layer-0 output).
-    Padding is excluded and N counts sequences with a real token. Float32 forward, sums over ~40 tokens: 1e-4
-    relative.
+    Padding is excluded and N counts sequences with a real token. Float32 forward, sums over ~40 tokens: 1e-5
+    relative (measured 2e-7 for the direct comparisons, 1e-6 for the perturbation identity, which subtracts two
+    forward passes).
     A second call with cache_dir loads the safetensors file; a changed param misses the cache.
     """
     cfg = SQUARE
@@ -578,10 +580,10 @@ def test_collect_hessians_matches_direct_computation(tmp_path):
     for layer in range(2):
         x = rms(hidden["layer_outputs"][layer], params["blocks"]["attn_norm"]["scale"][layer])
         np.testing.assert_allclose(hessians["attn_input"][layer], hessians_from_activations(x, mask),
-                                   rtol=1e-4, atol=1e-4 * float(jnp.abs(hessians["attn_input"][layer]).max()))
+                                   rtol=1e-5, atol=1e-5 * float(jnp.abs(hessians["attn_input"][layer]).max()))
     x_mlp = rms(hidden["layer_outputs"][1], params["blocks"]["mlp_norm"]["scale"][0])
-    np.testing.assert_allclose(hessians["mlp_input"][0], hessians_from_activations(x_mlp, mask), rtol=1e-4,
-                               atol=1e-4 * float(jnp.abs(hessians["mlp_input"][0]).max()))
+    np.testing.assert_allclose(hessians["mlp_input"][0], hessians_from_activations(x_mlp, mask), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(hessians["mlp_input"][0]).max()))
 
     perturbation = 0.1 * jax.random.normal(jax.random.key(5), (32, 32))
     for group, name, key in [("attn", "o_proj", "o_proj_input"), ("mlp", "down_proj", "down_proj_input")]:
@@ -592,7 +594,7 @@ def test_collect_hessians_matches_direct_computation(tmp_path):
         change = (hidden_moved["layer_outputs"][1] - hidden["layer_outputs"][1]) * mask[..., None]
         gram = hessians[key][0] * 3 / 2  # undo 2/N, N = 3 sequences (the all-padding row does not count)
         assert float(jnp.sum(change**2)) == pytest.approx(
-            float(jnp.trace(perturbation.T @ gram @ perturbation)), rel=1e-4)
+            float(jnp.trace(perturbation.T @ gram @ perturbation)), rel=1e-5)
 
     files = list(tmp_path.glob("hessians-*.safetensors"))
     assert len(files) == 1
