@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "anchored on the harmful Q+A attack set and refusals), self_inf (Self-Inf-N). Writes one JSON "
                     "line per sample (text, score, components, rank, window, flags) and prints window sizes.")
     sq.add_argument("--model", default=DEFAULT_MODEL, help="base model the adapters were trained on")
-    sq.add_argument("--method", default="sqsd", choices=["sqsd", "random", "representation", "gradient", "self_inf"],
+    sq.add_argument("--method", default="sqsd", choices=("sqsd", "random", "representation", "gradient", "self_inf"),
                     help="scorer (default: sqsd)")
     sq.add_argument("--initial", type=Path, help="PEFT adapter dir of the benign 'initial' state (sqsd)")
     sq.add_argument("--danger", type=Path, help="PEFT adapter dir of the danger direction (sqsd)")
@@ -283,55 +283,17 @@ def cmd_safedelta(args) -> int:
 
 
 def cmd_sqsd(args) -> int:
-    import functools
+    from safetrade.sqsd_job import SQSDJob, run_sqsd_job
 
-    from safetrade import config, sqsd
-    from safetrade.data import encode_rows, take
-    from safetrade.models import io, lora
-    from safetrade.tokenizer import load_tokenizer
-    from safetrade.train.jobs import rows_for
-
-    cfg, base = io.load_model(args.model)
-    tok = load_tokenizer(args.model)
-    data = config.DataSection(seed=args.seed)
-    rows = [r for r in rows_for(args.pool, data) if r.get("response")]
-    rows = take(rows, args.n, args.seed) if args.n else rows
-    examples, report = encode_rows(tok, rows, max_len=args.max_len, policy="truncate", dataset=args.pool)
-    print(report.summary(), file=sys.stderr)
-    common = dict(batch_size=args.batch_size, max_len=args.max_len)
-    if args.method == "sqsd":
-        missing = [f"--{n}" for n in ("initial", "danger", "safety") if getattr(args, n) is None]
-        if missing:
-            raise SafetradeError(f"sqsd needs {', '.join(missing)} (PEFT adapter directories)")
-        states = [lora.load_peft(getattr(args, n), cfg, base) for n in ("initial", "danger", "safety")]
-        danger, safety = sqsd.sqsd_probes(*states, safety_scale=args.safety_scale)
-        scores = sqsd.score_samples(examples, danger, safety, metric=args.metric, eos_id=tok.eos_token_id, **common)
-    elif args.method == "random":
-        scores = sqsd.random_scores(examples, seed=args.seed, max_len=args.max_len)
-    else:
-        anchors, _ = encode_rows(tok, take(rows_for("attack", data), 10, args.seed), max_len=args.max_len,
-                                 policy="truncate", dataset="harmful anchors")
-        scorer = {"representation": functools.partial(sqsd.representation_scores, harmful_anchors=anchors),
-                  "gradient": functools.partial(sqsd.gradient_matching_scores, harmful_anchors=anchors,
-                                                refusal_anchor_sets=[_refusal_anchors(tok, data, args, k)
-                                                                     for k in range(2)]),
-                  "self_inf": sqsd.self_influence_scores}[args.method]
-        scores = scorer(examples, cfg=cfg, params=base, **common)
-    windows = sqsd.rank_windows(scores, n_windows=args.windows)
-    path = sqsd.write_jsonl(args.out, rows, scores, windows)  # rows encode_rows dropped appear as not_scored
+    job = SQSDJob(model=args.model, method=args.method, safety_scale=args.safety_scale, metric=args.metric,
+                  pool=args.pool, n=args.n, max_len=args.max_len, batch_size=args.batch_size, windows=args.windows,
+                  seed=args.seed, out=str(args.out),
+                  **{n: None if getattr(args, n) is None else str(getattr(args, n))
+                     for n in ("initial", "danger", "safety")})
+    _, scores, windows = run_sqsd_job(job)
     print(scores.summary())
-    print(f"{len(windows)} windows of {len(windows[0])} samples; wrote {path}")
+    print(f"{len(windows)} windows of {len(windows[0])} samples; wrote {args.out}")
     return 0
-
-
-def _refusal_anchors(tok, data, args, k: int):
-    """He et al.'s refusal anchors: the 10 harmful anchor prompts answered with two different refusal phrasings."""
-    from safetrade.data import encode_rows, take
-    from safetrade.data.alignment import with_refusals
-    from safetrade.train.jobs import rows_for
-
-    rows = with_refusals(take(rows_for("attack", data), 10, args.seed), f"anchor-{k}", "attack")
-    return encode_rows(tok, rows, max_len=args.max_len, policy="truncate", dataset=f"refusal anchors {k}")[0]
 
 
 COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
