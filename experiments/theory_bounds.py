@@ -27,14 +27,13 @@ import jax
 import numpy as np
 
 
-def fixed_batch(tokenizer, name: str, n: int, max_len: int):
-    from safetrade.config import DataSection
+def fixed_batch(tokenizer, name: str, n: int, max_len: int, data):
     from safetrade.data import encode_rows, make_batch, take
     from safetrade.train.jobs import held_out, rows_for
 
-    # The trainer's held-out eval rows (data.eval_rows = 32 by default): never trained on, and the same rows whose
-    # losses the training runs log as eval/loss_<name>.
-    _, rows = held_out(rows_for(name, DataSection()), max(n, DataSection().eval_rows), seed=DataSection().seed)
+    # The alignment job's held-out eval rows (its data section, e.g. 32 rows): never trained on, and the same rows
+    # whose losses the training runs log as eval/loss_<name>.
+    _, rows = held_out(rows_for(name, data), max(n, data.eval_rows), seed=data.seed)
     examples, _ = encode_rows(tokenizer, take(rows, n, 0), max_len=max_len, policy="truncate", dataset=name)
     return make_batch(examples, max(len(e["input_ids"]) for e in examples), pad_id=tokenizer.pad_token_id or 0)
 
@@ -53,13 +52,18 @@ def main(argv=None) -> None:
     p.add_argument("--max-len", type=int, default=256, help="tokens per row")
     p.add_argument("--samples", type=int, default=4, help="random points in each ball for the Lipschitz estimate")
     p.add_argument("--lanczos-steps", type=int, default=8, help="Lanczos steps per smoothness estimate")
+    p.add_argument("--align-config", default="experiments/configs/align.yaml",
+                   help="the aligned model's job config: its data section defines the alignment set")
     args = p.parse_args(argv)
+    from safetrade import config
+
+    data = config.load(config.TrainJob, args.align_config).data
     args.out.mkdir(parents=True, exist_ok=True)
 
     cfg, aligned = io.load_model(args.aligned)
     tok = load_tokenizer(args.aligned)
-    batch_s = fixed_batch(tok, "alignment", args.n_rows, args.max_len)
-    batch_f = fixed_batch(tok, "capability", args.n_rows, args.max_len)
+    batch_s = fixed_batch(tok, "alignment", args.n_rows, args.max_len, data)
+    batch_f = fixed_batch(tok, "capability", args.n_rows, args.max_len, data)
 
     def loss_s(params):
         return lm_loss(cfg, params, batch_s)
