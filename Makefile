@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VENV := .venv-torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-aot clean
+.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-aot clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-train: setup $(TORCH_VENV)/.installed
 
 bench-eval: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/evaluate.py --torch-python $(TORCH_VENV)/bin/python
+
+bench-safedelta: setup $(TORCH_VENV)/.installed
+	$(BIN)/python bench/safedelta.py --torch-python $(TORCH_VENV)/bin/python
 
 bench-aot: setup
 	$(BIN)/python bench/aot_compile.py --preset llama2_7b --devices 8 --fsdp 8
