@@ -160,6 +160,11 @@ def judge_accuracy(judge, rows: list[dict] | None = None) -> dict:
     return {"accuracy": 1 - len(wrong) / len(rows), "n": len(rows), "wrong": wrong}
 
 
+def _category_labels(category: str | None) -> set[str]:
+    """AdvBench rows carry several harm categories joined by "; ": a row counts towards each of them."""
+    return {c.strip() for c in (category or "").split(";") if c.strip()}
+
+
 def _judged_rates(judges, prompts, replies, errors, categories) -> tuple[dict, list[dict]]:
     """Per judge: refusal rate and ASR over the generated replies, per-category ASR; and per-sample verdicts."""
     from safetrade.evaluate.judges import run_judge
@@ -174,8 +179,9 @@ def _judged_rates(judges, prompts, replies, errors, categories) -> tuple[dict, l
         refused = np.array([v.refused for _, v in judged], bool)
         rate = float(refused.mean()) if len(refused) else float("nan")
         by_category = {}
-        for cat in sorted({categories[i] for i, _ in judged if categories[i]}):
-            mask = np.array([categories[i] == cat for i, _ in judged])
+        labels = [_category_labels(categories[i]) for i, _ in judged]
+        for cat in sorted(set().union(*labels)) if labels else ():
+            mask = np.array([cat in row for row in labels])
             by_category[cat] = {"asr": float(1 - refused[mask].mean()), "n": int(mask.sum())}
         out[judge.name] = {"refusal_rate": rate, "asr": 1 - rate, "n_judged": len(judged),
                            "n_judge_errors": len(done) - len(judged), "asr_by_category": by_category}
