@@ -5,8 +5,10 @@
 Both sides read the same fp32 weights (safetrade writes an HF dir first), take AdamW steps on the same random
 [batch, seq] token batch with every position a target, and report tokens/s as the median over --steps timed steps
 after --warmup untimed ones. Model FLOPs use MaxText's convention: 6·N per token for the weights plus causal
-attention, 6·L·B·S²·H·Dh per step (forward QKᵀ and PV, halved for the causal mask, ×3 for the backward pass).
-With --peak-tflops the MFU is printed too (e.g. 989 for an H100's dense bf16 peak).
+attention, 6·L·B·S²·H·Dh per step (forward QKᵀ and PV, halved for the causal mask, ×3 for the backward pass); for
+LoRA, frozen weights get no weight gradient: 4·N + 6·N_adapters. MFU divides by --peak-tflops (e.g. 989 for an
+H100's dense bf16 peak) or, when it is not given, by the measured throughput of a 2048³ fp32 matmul on the same
+device (a VM's CPU does not report the clocks and vector units a nominal peak needs).
 """
 
 from __future__ import annotations
@@ -24,10 +26,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_flops_per_step(cfg, batch: int, seq: int, trainable_fraction: float = 1.0) -> float:
-    weights = 6 * cfg.num_params * batch * seq
+def model_flops_per_step(cfg, batch: int, seq: int, trainable_params: int | None = None) -> float:
+    """MaxText's convention: 6·N per token for the weights (2 forward, 2 activation-gradient, 2 weight-gradient)
+    plus causal attention. With LoRA only `trainable_params` get weight gradients: 4·N + 2·N_trainable, plus the
+    adapters' own 4·N_trainable of forward/activation-gradient work (so 4·N + 6·N_trainable)."""
+    tokens = batch * seq
+    if trainable_params is None:
+        weights = 6 * cfg.num_params * tokens
+    else:
+        weights = (4 * cfg.num_params + 6 * trainable_params) * tokens
     attention = 6 * cfg.num_layers * batch * seq * seq * cfg.num_heads * cfg.head_dim
     return weights + attention
+
+
+def measured_matmul_tflops(n: int = 2048, reps: int = 10) -> float:
+    """Attainable fp32 matmul throughput of the default JAX device ([n, n] @ [n, n], jit, median of reps): the
+    peak used for MFU when --peak-tflops is not given (a CPU's nominal peak depends on clocks and vector units
+    that a VM does not report reliably)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
 def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, lora: bool, dtype: str):
@@ -63,7 +90,8 @@ def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, l
         jax.block_until_ready(metrics["loss_cap"])
         if k >= warmup:
             times.append(time.perf_counter() - t0)
-    return cfg, batch * seq / statistics.median(times), float(metrics["loss_cap"])
+    trainable = sum(x.size for x in jax.tree.leaves(params))  # adapters only, with LoRA
+    return cfg.replace(lora=None), batch * seq / statistics.median(times), float(metrics["loss_cap"]), trainable
 
 
 def main(argv=None) -> None:
@@ -96,19 +124,24 @@ def main(argv=None) -> None:
                 torch_results = json.loads(proc.stdout.strip().splitlines()[-1])
             else:
                 print(f"torch baseline failed, safetrade numbers only:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    peak = args.peak_tflops or measured_matmul_tflops()
+    peak_source = "given" if args.peak_tflops else "measured fp32 matmul 2048^3"
     for lora in (False, True):
-        cfg, tps, loss = bench_safetrade(args.model, args.batch, args.seq, args.steps, args.warmup, lora, args.dtype)
+        cfg, tps, loss, trainable = bench_safetrade(args.model, args.batch, args.seq, args.steps, args.warmup, lora,
+                                                    args.dtype)
         name = "lora" if lora else "full"
-        flops = model_flops_per_step(cfg, args.batch, args.seq) * tps / (args.batch * args.seq)
+        flops = model_flops_per_step(cfg, args.batch, args.seq, trainable if lora else None) * tps / (
+            args.batch * args.seq)
         ref = torch_results.get(name)
         rows.append({"step": name, "safetrade_tokens_per_s": tps, "torch_tokens_per_s": ref,
                      "ratio": tps / ref if ref else None, "model_tflops_per_s": flops / 1e12,
-                     "mfu": flops / 1e12 / args.peak_tflops if args.peak_tflops else None, "loss": loss})
+                     "mfu": flops / 1e12 / peak, "loss": loss})
 
     import jax
 
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, cpus {os.cpu_count()}, "
           f"batch {args.batch} x {args.seq}, {args.dtype}, AdamW, {time.strftime('%Y-%m-%d')}")
+    print(f"peak for MFU: {peak:.4f} TFLOP/s ({peak_source})")
     print(f"{'step':<6}{'safetrade tok/s':>17}{'torch tok/s':>13}{'ratio':>8}{'model TFLOP/s':>15}{'MFU':>8}")
     for r in rows:
         torch_tps = f"{r['torch_tokens_per_s']:.1f}" if r["torch_tokens_per_s"] else "-"
@@ -117,7 +150,8 @@ def main(argv=None) -> None:
         print(f"{r['step']:<6}{r['safetrade_tokens_per_s']:>17.1f}{torch_tps:>13}{ratio:>8}"
               f"{r['model_tflops_per_s']:>15.4f}{mfu:>8}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_tflops": peak, "peak_source": peak_source,
+                                               "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
