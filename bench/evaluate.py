@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import jax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.forward import cpu_model  # noqa: E402
+from bench.forward import cpu_model, run_torch_script  # noqa: E402
 from safetrade import hub  # noqa: E402
 from safetrade.models import io  # noqa: E402
 
@@ -81,10 +80,7 @@ def main(argv=None) -> int:
             cmd = [args.torch_python, str(REPO / "bench" / "torch_evaluate.py"), "--model-dir", tmp, "--prompts",
                    str(Path(tmp) / "prompts.json"), "--new-tokens", str(args.new_tokens), "--batch-size",
                    str(args.batch_size), "--modes", args.torch_modes]
-            env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            torch_res = json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {proc.returncode}"}
+            torch_res = run_torch_script(cmd)
 
     print(f"\n{args.n} AdvBench prompts, <= {args.new_tokens} new tokens, greedy, fp32, batch {args.batch_size}")
     print(f"{'side':34s} {'seconds':>9s} {'prompts/s':>10s} {'new tok':>8s}")

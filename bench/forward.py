@@ -125,24 +125,46 @@ def bench_safetrade(cfg, params, prompts: dict[int, np.ndarray], new_tokens: int
     return results
 
 
-def run_torch(torch_python: str, model_dir: Path, prompts: dict[int, np.ndarray], args) -> dict:
-    """Run bench/torch_forward.py in the torch venv; returns its JSON (with ok=False and an error on failure)."""
-    prompt_file = model_dir / "prompts.json"
-    prompt_file.write_text(json.dumps({"batches": {str(b): ids.tolist() for b, ids in prompts.items()}}))
-    cmd = [torch_python, str(REPO / "bench" / "torch_forward.py"), "--model-dir", str(model_dir),
-           "--prompts", str(prompt_file), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-           "--dtype", args.dtype, "--threads", str(args.torch_threads)]
+def run_torch_script(cmd: list[str], timeout: float | None = None) -> dict:
+    """Run a torch half of a benchmark (cmd[0] = the torch venv's python) offline; its last JSON line, or
+    {"ok": False, "error": ...} when it cannot run, times out or prints no JSON."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, timeout=args.torch_timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, timeout=timeout)
     except FileNotFoundError:
-        return {"ok": False, "error": f"--torch-python {torch_python!r} does not exist"}
+        return {"ok": False, "error": f"--torch-python {cmd[0]!r} does not exist"}
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"torch run exceeded {args.torch_timeout}s"}
+        return {"ok": False, "error": f"torch run exceeded {timeout}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return {"ok": False, "error": f"torch run exited {proc.returncode} without a JSON result"}
     return json.loads(lines[-1])
+
+
+def run_torch(torch_python: str, model_dir: Path, prompts: dict[int, np.ndarray], args) -> dict:
+    """Run bench/torch_forward.py in the torch venv; returns its JSON (with ok=False and an error on failure)."""
+    prompt_file = model_dir / "prompts.json"
+    prompt_file.write_text(json.dumps({"batches": {str(b): ids.tolist() for b, ids in prompts.items()}}))
+    return run_torch_script([torch_python, str(REPO / "bench" / "torch_forward.py"), "--model-dir", str(model_dir),
+                             "--prompts", str(prompt_file), "--new-tokens", str(args.new_tokens), "--repeats",
+                             str(args.repeats), "--dtype", args.dtype, "--threads", str(args.torch_threads)],
+                            timeout=args.torch_timeout)
+
+
+def run_info(args, argv) -> dict:
+    """Date, software, devices, CPU and load average of this run (printed as one header line)."""
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
+        "args": vars(args),
+    }
+    print(f"date {info['date']}  jax {jax.__version__}  devices {info['jax_devices']}  "
+          f"cpus {info['cpu_count']} ({info['cpu_model']})  loadavg {info['loadavg_start']}", flush=True)
+    return info
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -178,18 +200,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     batch_sizes = sorted({int(x) for x in args.batch_sizes.split(",") if x.strip()})
 
-    started = datetime.datetime.now().astimezone()
-    info = {
-        "date": started.isoformat(timespec="seconds"),
-        "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
-        "args": vars(args),
-    }
-    print(f"date {info['date']}  jax {jax.__version__}  devices {info['jax_devices']}  "
-          f"cpus {info['cpu_count']} ({info['cpu_model']})  loadavg {info['loadavg_start']}", flush=True)
+    info = run_info(args, argv)
 
     path = hub.resolve_model(args.model)
     t = time.perf_counter()

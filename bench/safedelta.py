@@ -40,12 +40,9 @@ run-to-run spread; research notes: 4-33 % of a layer's entries move between runs
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.forward import cpu_model  # noqa: E402
+from bench.forward import run_info, run_torch_script  # noqa: E402
 from safetrade import hub  # noqa: E402
 from safetrade.models import io  # noqa: E402
 
@@ -142,18 +139,7 @@ def run_torch(args, spec_path: Path) -> dict:
         cmd.append("--stable-sort")
     if args.torch_shared_hessians:
         cmd.append("--shared-hessians")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                              timeout=args.torch_timeout)
-    except FileNotFoundError:
-        return {"ok": False, "error": f"--torch-python {args.torch_python!r} does not exist"}
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"torch run exceeded {args.torch_timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"ok": False, "error": f"torch run exited {proc.returncode} without a JSON result"}
-    return json.loads(lines[-1])
+    return run_torch_script(cmd, timeout=args.torch_timeout)
 
 
 def compare(cfg, aligned, finetuned, result, report, torch_res: dict, result_path: Path) -> dict:
@@ -234,18 +220,7 @@ def main(argv=None) -> int:
     from safetrade.safedelta_job import load_finetuned
     from safetrade.tokenizer import load_tokenizer
 
-    started = datetime.datetime.now().astimezone()
-    info = {
-        "date": started.isoformat(timespec="seconds"),
-        "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
-        "args": vars(args),
-    }
-    print(f"date {info['date']}  jax {jax.__version__}  devices {info['jax_devices']}  "
-          f"cpus {info['cpu_count']} ({info['cpu_model']})  loadavg {info['loadavg_start']}", flush=True)
+    info = run_info(args, argv)
 
     t = time.perf_counter()
     path = hub.resolve_model(args.aligned)

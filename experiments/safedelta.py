@@ -19,14 +19,12 @@ from pathlib import Path
 
 
 def evaluate(model: str, out: Path, n: int, seed: int) -> dict:
-    from safetrade.evaluate.suite import EvalConfig, run_evaluation
+    """experiments/safety_eval.py's numbers for one model (the same prompts, judge and decoding as the other studies)."""
+    from safety_eval import evaluate_model
 
-    record = run_evaluation(EvalConfig(model=model, harmful=("heldout",), n_harmful=n, benign="heldout", n_benign=n,
-                                       loss_sets=("gsm8k_eval",), loss_rows=n, max_len=384, judges=("keyword",),
-                                       max_new_tokens=48, seed=seed, margin=True), out=out)
-    m = record["metrics"]
-    return {"model": model, "asr": m["asr/heldout"], "over_refusal": m["over_refusal/heldout"],
-            "gsm8k_loss": m["loss/gsm8k_eval"], "refusal_margin": m["refusal_margin/heldout"]}
+    r = evaluate_model(model, n, n, max_new_tokens=48, batch_size=16, seed=seed, out=out)
+    return {"model": model, "asr": 1.0 - r["harmful_refusal_rate"], "over_refusal": r["benign_refusal_rate"],
+            "gsm8k_loss": r["benign_loss"], "refusal_margin": r["refusal_margin"]}
 
 
 def plot(results: dict, path: Path) -> None:

@@ -220,15 +220,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _resolved_config(cls, args):
+    """`cls` from --config and KEY=VALUE overrides; with --print-config, print it as YAML and return None."""
+    from safetrade import config
+
+    resolved = config.load(cls, args.config, args.overrides)
+    if not args.print_config:
+        return resolved
+    import yaml
+
+    print(yaml.safe_dump(config.to_dict(resolved), sort_keys=False))
+    return None
+
+
 def cmd_train_job(args) -> int:
     from safetrade import config
     from safetrade.train.jobs import run_train_job
 
-    job = config.load(config.TrainJob, args.config, args.overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config.to_dict(job), sort_keys=False))
+    job = _resolved_config(config.TrainJob, args)
+    if job is None:
         return 0
     summary = run_train_job(job)
     print(json.dumps({k: summary[k] for k in ("out_dir", "strategy", "eval_before", "eval_after", "seconds")},
@@ -245,11 +255,8 @@ def cmd_evaluate(args) -> int:
         if args.plot:
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
-    eval_cfg = config.load(suite.EvalConfig, args.config, args.overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config.to_dict(eval_cfg), sort_keys=False))
+    eval_cfg = _resolved_config(suite.EvalConfig, args)
+    if eval_cfg is None:
         return 0
     out = args.out or Path("runs/eval") / f"{Path(eval_cfg.model).name or 'model'}.json"
     config.save(eval_cfg, out.with_suffix(".config.yaml"))
@@ -267,11 +274,8 @@ def cmd_safedelta(args) -> int:
     from safetrade import config
     from safetrade.safedelta_job import SafeDeltaJob, run_safe_delta_job
 
-    job = config.load(SafeDeltaJob, args.config, args.overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config.to_dict(job), sort_keys=False))
+    job = _resolved_config(SafeDeltaJob, args)
+    if job is None:
         return 0
     config.save(job, Path(job.out_dir) / "config.yaml")
     summary = run_safe_delta_job(job)
