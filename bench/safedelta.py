@@ -19,8 +19,8 @@ Two stages, both sides on the same CPU, the same fp32 weights and the same calib
 
 safetrade's first run includes jit compilation and is what a one-off `safetrade safedelta` job pays; with
 --repeats N > 1 the median of runs 2..N is reported as steady state (torch likewise, with the aligned weights
-restored between runs). The goal line (safetrade >= 3x faster end to end) is judged on the first runs, and on the
-steady state too when there is one.
+restored between runs). The goal line (safetrade >= 3x faster end to end) is judged on the first runs, on the
+steady state, and on a repeat request, where safetrade reads its Hessian cache and the official code recomputes.
 
 Models: --aligned (default the registered smollm2-135m-instruct) and --finetuned (default: the aligned weights plus
 seeded Gaussian noise, std --noise-std, on every q/k/v/o/gate/up/down kernel, so no training run is needed).
@@ -279,8 +279,14 @@ def main(argv=None) -> int:
                 continue
             table.append({"runs": which, "stage": label, "safetrade_s": ours, "torch_s": theirs,
                           "ratio": ratio(ours, theirs)})
+    # A later request on the same aligned model: safetrade reads its Hessian cache (safedelta_job), the official
+    # code recomputes them every time, so its whole loop is the comparison.
+    if st_timings["transform"]["steady"] is not None and tt and tt["hessians"]["steady"] is not None:
+        ours, theirs = st_timings["transform"]["steady"], tt["hessians"]["steady"] + tt["transform"]["steady"]
+        table.append({"runs": "cached", "stage": "end to end", "safetrade_s": ours, "torch_s": theirs,
+                      "ratio": ratio(ours, theirs)})
     goals = {}
-    for which in ("first", "steady"):
+    for which in ("first", "steady", "cached"):
         end = next((r for r in table if r["runs"] == which and r["stage"] == "end to end"), None)
         if end and end["ratio"] is not None:
             goals[which] = {"ratio": end["ratio"], "met": end["ratio"] >= GOAL}
@@ -294,9 +300,11 @@ def main(argv=None) -> int:
               f"device {torch_res['device']}, {'stable' if torch_res['stable_sort'] else 'unstable (official)'} "
               f"argsort, {'one H per input' if torch_res['shared_hessians'] else 'one H per Linear (official)'}")
     labels = {"first": "first run (safetrade incl. jit compile)",
-              "steady": f"steady state (median of runs 2..{args.repeats})"}
+              "steady": f"steady state (median of runs 2..{args.repeats})",
+              "cached": "repeat request: safetrade's Hessians from its cache (steady transform) vs the official "
+                        "loop, which recomputes them (steady hessians + transform)"}
     w = max(len(r["stage"]) for r in table)
-    for which in ("first", "steady"):
+    for which in ("first", "steady", "cached"):
         rows = [r for r in table if r["runs"] == which]
         if not rows:
             continue
@@ -308,7 +316,7 @@ def main(argv=None) -> int:
     if torch_res:
         print(f"torch loop wall time (hessians + transform + bookkeeping): first {tt['total']['first']:.2f}s")
     for which, g in goals.items():
-        print(f"goal: safetrade >= {GOAL:g}x faster end to end ({which} run{'s' if which == 'steady' else ''}): "
+        print(f"goal: safetrade >= {GOAL:g}x faster end to end ({labels[which].split(':')[0].split(' (')[0]}): "
               f"{g['ratio']:.2f}x -> {'MET' if g['met'] else 'NOT MET'}")
     if agreement:
         a = agreement

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from safetrade import safedelta
 from safetrade.models import llama
 from safetrade.safedelta import (
     SafeDeltaConfig,
@@ -604,3 +605,15 @@ def test_collect_hessians_matches_direct_computation(tmp_path):
     params["final_norm"]["scale"] = params["final_norm"]["scale"] * 2
     collect_hessians(cfg, params, batches, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("hessians-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("rows,cols,distinct", [(3, 5, 2), (7, 11, 4), (64, 40, 40), (5, 9, 1)])
+def test_column_key_positions_equal_a_stable_flat_argsort(rows, cols, distinct):
+    """The official/paper order ranks whole columns; computing it from a column sort must reproduce the stable
+    argsort of the broadcast [rows, cols] key exactly, ties between columns included (dead inputs share d_j)."""
+    key = np.random.default_rng(rows * cols).integers(0, distinct, cols).astype(np.float32)
+    flat_order = np.argsort(np.broadcast_to(key, (rows, cols)).reshape(-1), kind="stable")
+    expected = np.empty(rows * cols, np.int64)
+    expected[flat_order] = np.arange(rows * cols)
+    got = np.asarray(safedelta._stable_positions(jnp.asarray(key), rows)).reshape(-1)
+    np.testing.assert_array_equal(got, expected)
