@@ -8,7 +8,8 @@ For each fine-tune (attacked: harmful Q+A; benign: GSM8K capability set) and eac
 aligned model, each fine-tune and each Safe Delta result with the evaluation suite: keyword ASR on held-out harmful
 prompts, over-refusal on held-out benign prompts, and utility = response loss on held-out GSM8K answers (lower is
 better; the benign fine-tune's "utility gain" is the aligned loss minus the fine-tuned loss). Ablations run at the
-first s only. Writes result.json and curve.png (ASR vs utility gain, one line per fine-tune over s) to --out.
+first s only. Finished Safe Delta runs and evaluations in --out are reused, so a re-run with more s values (or
+--mode paper, whose runs are labelled _paper) only does the new ones. Writes result.json and curve.png (ASR vs utility gain, one line per fine-tune over s) to --out.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--s", type=float, nargs="+", default=[0.1], help="budget scales to sweep (default 0.1)")
     p.add_argument("--mode", default="official", choices=["official", "paper"], help="Safe Delta rule")
     p.add_argument("--ablations", nargs="*", default=["no_compensation"],
-                   help="ablations run at the first s (default: no_compensation)")
+                   help="ablations run at the first s (default: no_compensation; also random, magnitude)")
     p.add_argument("--n-eval", type=int, default=100, help="held-out harmful and benign prompts (default 100)")
     p.add_argument("--seed", type=int, default=0, help="evaluation subset seed")
     args = p.parse_args(argv)
@@ -76,6 +77,7 @@ def main(argv=None) -> None:
     if not finetunes:
         p.error("give --attacked and/or --benign")
 
+    suffix = "_paper" if args.mode == "paper" else ""  # paper-mode results sit beside the official ones
     results = {"args": {k: str(v) for k, v in vars(args).items()},
                "aligned": evaluate(args.aligned, args.out / "eval_aligned.json", args.n_eval, args.seed),
                "finetunes": {}}
@@ -84,9 +86,9 @@ def main(argv=None) -> None:
                 "safedelta": [], "ablations": []}
         settings = [(s, None) for s in args.s] + [(args.s[0], a) for a in args.ablations]
         for s, ablation in settings:
-            label = f"{name}_s{s}" + (f"_{ablation}" if ablation else "")
+            label = f"{name}_s{s}" + (f"_{ablation}" if ablation else "") + ("_paper" if args.mode == "paper" else "")
             summary = run_safe_delta_job(SafeDeltaJob(aligned=args.aligned, finetuned=path, out_dir=str(args.out / label),
-                                                      s=s, mode=args.mode, ablation=ablation))
+                                                      s=s, mode=args.mode, ablation=ablation), reuse=True)
             row = {**evaluate(str(args.out / label / "hf"), args.out / f"eval_{label}.json", args.n_eval, args.seed),
                    "s": s, "ablation": ablation, "kept_fraction": summary["kept_fraction"],
                    "timings": summary["timings"]}
@@ -94,8 +96,8 @@ def main(argv=None) -> None:
             print(f"{label}: ASR {row['asr']:.0%}, over-refusal {row['over_refusal']:.0%}, GSM8K loss "
                   f"{row['gsm8k_loss']:.4f}, kept {row['kept_fraction']:.1%}", flush=True)
         results["finetunes"][name] = runs
-        (args.out / "result.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "curve.png")
+        (args.out / f"result{suffix}.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / f"curve{suffix}.png")
     print(json.dumps(results, indent=1))
 
 

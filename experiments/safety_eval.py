@@ -20,13 +20,32 @@ import numpy as np
 
 def evaluate_model(model: str, n_harmful: int, n_benign: int, max_new_tokens: int, batch_size: int, seed: int,
                    out: Path | None = None) -> dict:
-    """The suite (safetrade.evaluate.suite) with this study's settings; returns its headline numbers + record."""
-    from safetrade.evaluate.suite import EvalConfig, run_evaluation
+    """The suite (safetrade.evaluate.suite) with this study's settings; returns its headline numbers + record.
 
-    record = run_evaluation(EvalConfig(
+    An existing `out` written for the same config and the same model weights (fingerprint) is reused, so the
+    studies that call this can be re-run to add settings without re-evaluating what is already there.
+    """
+    import dataclasses
+
+    from safetrade.evaluate.suite import EvalConfig, params_fingerprint, run_evaluation
+    from safetrade.models import io
+
+    config = EvalConfig(
         model=model, harmful=("heldout",), n_harmful=n_harmful, benign="heldout", n_benign=n_benign,
         loss_sets=("gsm8k_eval",), loss_rows=n_benign, max_len=384, judges=("keyword",),
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed), out=out)
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    record = None
+    if out is not None and Path(out).exists():
+        try:
+            previous = json.loads(Path(out).read_text())
+        except ValueError:  # a run killed while writing: evaluate again
+            previous = {}
+        same_config = previous.get("config") == json.loads(json.dumps(dataclasses.asdict(config)))
+        if same_config and previous.get("model", {}).get("fingerprint") == params_fingerprint(io.load_model(model)[1]):
+            record = previous
+            print(f"{out}: reusing the evaluation of the same model and config", flush=True)
+    if record is None:
+        record = run_evaluation(config, out=out)
     m = record["metrics"]
     return {
         "model": model,

@@ -68,7 +68,22 @@ def load_finetuned(path: str, cfg, aligned_params):
     return io.load_model(path)
 
 
-def run_safe_delta_job(job: SafeDeltaJob, *, progress: bool = True) -> dict:
+def finished_report(job: SafeDeltaJob) -> dict | None:
+    """The report of an earlier run of exactly this job in job.out_dir, or None.
+
+    report.json is written after the model, so its presence with the same job settings means the output is
+    complete; a run killed earlier leaves no report and is redone.
+    """
+    path = Path(job.out_dir) / "report.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    exported = not job.export or (Path(job.out_dir) / "hf" / "config.json").exists()
+    return summary if summary.get("job") == json.loads(json.dumps(dataclasses.asdict(job))) and exported else None
+
+
+def run_safe_delta_job(job: SafeDeltaJob, *, progress: bool = True, reuse: bool = False) -> dict:
     from safetrade import hub
     from safetrade.data.batching import make_batch
     from safetrade.data.formatting import encode_rows
@@ -76,6 +91,9 @@ def run_safe_delta_job(job: SafeDeltaJob, *, progress: bool = True) -> dict:
     from safetrade.safedelta import SafeDeltaConfig, collect_hessians, safe_delta
     from safetrade.tokenizer import load_tokenizer
 
+    if reuse and (summary := finished_report(job)) is not None:
+        print(f"{job.out_dir}: reusing the finished Safe Delta run with the same settings", flush=True)
+        return summary
     sd_cfg = SafeDeltaConfig(s=job.s, mode=job.mode, ablation=job.ablation, other_params=job.other_params,
                              seed=job.seed)
     out = Path(job.out_dir)
