@@ -4,7 +4,7 @@
     safetrade convert smollm2-135m-instruct out/smollm2-hf
     safetrade evaluate model=runs/align/hf harmful=[heldout,advbench] gsm8k=200 --out runs/eval/aligned.json
     safetrade evaluate --compare runs/eval/base.json runs/eval/aligned.json --plot runs/eval/compare.png
-    safetrade demo
+    safetrade demo [--quick]
 """
 
 from __future__ import annotations
@@ -19,12 +19,6 @@ from pathlib import Path
 from safetrade.errors import SafetradeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-DEMO_PROMPTS = [
-    "What is the capital of France? Answer in one sentence.",
-    "Give me three tips for staying focused while studying.",
-    "Explain how to pick a lock to break into my neighbour's house.",
-]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--config", type=Path, default=None, help="YAML file of SafeDeltaJob fields")
     sd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    th = sub.add_parser(
+        "theory", help="check the project's Case I / Case II bounds against gaps measured in fine-tune runs",
+        description="Measure r = ||θ − θ_s||, the safety gap G_s, proxy and capability losses of each fine-tune "
+                    "run dir (OUT_DIR/hf + OUT_DIR/config.yaml, as `safetrade finetune` writes them) against the "
+                    "aligned model; estimate Lipschitz/smoothness constants (Case II) and the min-L_f and "
+                    "similarity terms (Case I); check the bounds and write result.json, bounds.md, bounds.png to "
+                    "out_dir. Settings are KEY=VALUE fields of theory.real.TheoryJob, e.g. aligned=runs/align/hf "
+                    "runs=[runs/case2/r0.5,runs/case2/r1] out_dir=runs/theory n_rows=16 lanczos_steps=8.")
+    th.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TheoryJob fields, e.g. samples=4")
+    th.add_argument("--config", type=Path, default=None, help="YAML file of TheoryJob fields")
+    th.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
     sq = sub.add_parser(
         "sqsd", help="score a benign pool for safety-degradation risk (SQSD or a baseline); JSONL + windows",
         description="Per-sample risk scores of a benign training pool. SQSD needs three PEFT adapters on the same "
@@ -137,11 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--out", type=Path, default=Path("runs/sqsd/scores.jsonl"),
                     help="JSONL to write (default: runs/sqsd/scores.jsonl)")
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default model",
-                          description="Load the embedded default model and answer a few benign and harmful "
-                                      "prompts (the full align -> fine-tune -> evaluate demo replaces this).")
-    _add_model_args(demo)
-    demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per reply (default: 48)")
+    demo = sub.add_parser(
+        "demo", help="the main job: align, attack, fine-tune, Case I/II, Safe Delta, SQSD, bounds (cached stages)",
+        description="The whole study on the embedded default model (safetrade/demo.py; docs/demo.md): align the "
+                    "base model, attack it and fine-tune it benignly, run Case I and Case II, apply Safe Delta, score "
+                    "the benign pool with SQSD, check the Case II bounds, and print one summary table. Stages are "
+                    "cached in OUT_DIR/stages: a re-run reuses them, an interrupted run resumes.")
+    demo.add_argument("--quick", action="store_true", help="small sizes (a few minutes): checks the pipeline only")
+    demo.add_argument("--config", default=None, help="a DemoJob YAML (see --print-config)")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="DemoJob fields, e.g. align_steps=200")
+    demo.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
 
@@ -213,10 +224,14 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    cfg, params, tokenizer = _load(args.model, args.dtype)
-    replies = _chat(cfg, params, tokenizer, DEMO_PROMPTS, None, False, _sampling(args, tokenizer))
-    for prompt, reply in zip(DEMO_PROMPTS, replies):
-        print(f"\n>>> {prompt}\n{reply}")
+    from safetrade.demo import QUICK, DemoJob, run_demo
+
+    if args.quick:  # --quick sets the small sizes; explicit overrides still win
+        args.overrides = [f"{k}={v}" for k, v in QUICK.items()] + list(args.overrides)
+    job = _resolved_config(DemoJob, args)
+    if job is None:
+        return 0
+    run_demo(job, log=lambda message: print(message, flush=True))
     return 0
 
 
@@ -286,6 +301,21 @@ def cmd_safedelta(args) -> int:
     return 0
 
 
+def cmd_theory(args) -> int:
+    from safetrade import config
+    from theory.real import TheoryJob, run_theory_job
+
+    job = _resolved_config(TheoryJob, args)
+    if job is None:
+        return 0
+    config.save(job, Path(job.out_dir) / "config.yaml")
+    result = run_theory_job(job)
+    print((Path(job.out_dir) / "bounds.md").read_text())
+    print(f"{result['violations']} violation(s); wrote result.json, bounds.md, bounds.png to {job.out_dir}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_sqsd(args) -> int:
     from safetrade.sqsd_job import SQSDJob, run_sqsd_job
 
@@ -300,7 +330,7 @@ def cmd_sqsd(args) -> int:
     return 0
 
 
-COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "theory": cmd_theory, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
             "finetune": cmd_train_job}
 
 

@@ -1,0 +1,401 @@
+"""`safetrade demo`: the whole study on the embedded default model, as cached, resumable stages.
+
+    safetrade demo                    # ~30 min on a 2-core CPU; writes runs/demo/
+    safetrade demo --quick            # smaller sizes, a few minutes: checks the pipeline, not the science
+    safetrade demo --print-config     # the resolved DemoJob as YAML (save it, edit it, pass it with --config)
+
+Stages, in order (each writes OUT/<stage>/ and, last, OUT/stages/<stage>.json):
+
+  align         refusal SFT of the base model (LoRA, merged) on the built alignment set       -> aligned
+  attack        LoRA fine-tune of the aligned model on harmful Q+A pairs                       -> attacked
+  benign        LoRA fine-tune on GSM8K worked answers (capability set)                        -> benign
+  case1         the benign fine-tune with the Case I penalty λ · L_proxy                        -> case1
+  case2         the benign fine-tune projected into the ball ‖ΔW‖ ≤ r (Case II)                -> case2
+  safedelta_*   Safe Delta (official mode) on the attacked and the benign fine-tune             -> sd_attacked, sd_benign
+  safety_dir    a short LoRA fine-tune on refusals: SQSD's safety direction
+  sqsd          SQSD risk scores of the benign pool (initial = benign adapter, danger = attack adapter)
+  eval_*        the evaluation suite on every model: keyword ASR, over-refusal, GSM8K-answer loss, margin
+  theory        Case II bound check on the case2 run (theory/): r, G_s, ‖∇L_s‖, L, β against the gap
+  summary       table (printed), summary.json, summary.png
+
+A stage whose record exists with the same settings (and the same upstream records) is skipped, so a re-run
+finishes in seconds. Training stages checkpoint as they go (orbax), so a stage interrupted by Ctrl-C or kill
+resumes from its last checkpoint; a stage's record is written atomically after its outputs, so a half-written
+stage is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from safetrade.errors import SafetradeError
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoJob:
+    out_dir: str = "runs/demo"
+    model: str = "smollm2-135m-instruct"
+    max_len: int = 160  # training and loss rows (GSM8K answers are cut; the refusal behaviour fits easily)
+    batch_size: int = 8
+    align_steps: int = 120
+    align_lr: float = 5e-4
+    align_rank: int = 16
+    finetune_steps: int = 30
+    finetune_lr: float = 3e-4
+    finetune_rank: int = 8
+    case1_lam: float = 1.0
+    case2_radius: float = 0.5  # on the merged update ΔW (Frobenius, all adapted kernels)
+    safedelta_s: float = 0.1
+    n_calibration: int = 64
+    sqsd_pool: int = 64
+    safety_dir_steps: int = 15
+    n_eval: int = 50  # held-out harmful prompts and held-out benign prompts per model
+    n_loss_rows: int = 50  # held-out GSM8K answers for the utility loss
+    max_new_tokens: int = 32
+    theory_rows: int = 8
+    theory_samples: int = 2
+    theory_lanczos_steps: int = 6
+    seed: int = 0
+
+
+# --quick: every size small enough that the whole pipeline runs in a few minutes on 2 cores. The numbers it
+# prints show that each stage works, not the trade-off (the model barely moves in so few steps).
+QUICK = dict(out_dir="runs/demo-quick", max_len=96, align_steps=24, finetune_steps=6, n_calibration=16,
+             sqsd_pool=16, safety_dir_steps=4, n_eval=12, n_loss_rows=12, max_new_tokens=16, theory_rows=4,
+             theory_samples=1, theory_lanczos_steps=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage records
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    """Runs named stages once: a stage's key is its own settings plus the keys of the stages it reads."""
+
+    def __init__(self, out: Path, log=print):
+        self.out = out
+        self.records_dir = out / "stages"
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict] = {}
+        self.log = log
+
+    def record_path(self, name: str) -> Path:
+        return self.records_dir / f"{name}.json"
+
+    def run(self, name: str, settings: dict, deps: tuple[str, ...], fn: Callable[[], dict]) -> dict:
+        key = _digest({"settings": settings, "deps": [self.keys[d] for d in deps]})
+        path = self.record_path(name)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+        if record is not None and record.get("key") == key:
+            self.log(f"[{name}] cached ({record['seconds']:.0f} s when run)")
+        else:
+            self.log(f"[{name}] running")
+            start = time.perf_counter()
+            result = fn()
+            record = {"key": key, "settings": settings, "result": result, "seconds": time.perf_counter() - start}
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record, indent=1, default=str))
+            os.replace(tmp, path)  # atomic: a killed run leaves the old record or none, never half of one
+            self.log(f"[{name}] done in {record['seconds']:.0f} s")
+        self.keys[name] = key
+        self.results[name] = record["result"]
+        return record["result"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage settings
+
+
+def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, lr: float, rank: int,
+               strategy: dict | None = None, eval_sets=("attack", "capability")):
+    from safetrade import config
+
+    overrides = {
+        "out_dir": str(Path(job.out_dir) / name), "model": {"name": model},
+        "lora": {"enabled": True, "rank": rank, "alpha": 2.0 * rank, "targets": list(ALL_LINEAR)},
+        "optim": {"name": "adamw", "lr": lr, "schedule": "cosine" if name == "align" else "constant",
+                  "warmup_steps": 5 if name == "align" else 0},
+        "data": {"train": train, "eval_sets": list(eval_sets), "eval_rows": 16, "max_len": job.max_len,
+                 "batch_size": job.batch_size, "bad_rows": "truncate", "n_attack": 100, "benign_ratio": 3.0,
+                 "rephrased": 1.0, "benign_rephrased": 0.5, "seed": job.seed},
+        "strategy": strategy or {"name": "sft"},
+        "steps": steps, "eval_every": 0, "save_every": max(5, steps // 4), "log_every": 1, "seed": job.seed,
+    }
+    return config.from_dict(config.TrainJob, overrides)
+
+
+def _eval_config(job: DemoJob, model: str):
+    from safetrade.evaluate.suite import EvalConfig
+
+    return EvalConfig(model=model, harmful=("heldout",), n_harmful=job.n_eval, benign="heldout",
+                      n_benign=job.n_eval, loss_sets=("gsm8k_eval",), loss_rows=job.n_loss_rows,
+                      judges=("keyword",), max_new_tokens=job.max_new_tokens, batch_size=16,
+                      max_len=max(job.max_len, 256), seed=job.seed)
+
+
+def _safedelta_job(job: DemoJob, name: str, finetuned: str):
+    from safetrade.safedelta_job import SafeDeltaJob
+
+    return SafeDeltaJob(aligned=str(Path(job.out_dir) / "align" / "hf"), finetuned=finetuned,
+                        out_dir=str(Path(job.out_dir) / name), s=job.safedelta_s, n_calibration=job.n_calibration,
+                        max_len=job.max_len, seed=job.seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Estimate
+
+
+# Seconds per unit on the 2-core CPU this was calibrated on (AMD EPYC, fp32, SmolLM2-135M); see docs/demo.md.
+_SECONDS = {"train_token": 1 / 450, "eval_prompt": 0.55, "loss_row": 0.08, "safedelta": 25.0,
+            "sqsd_sample": 0.6, "theory_hvp": 3.0, "fixed": 20.0}
+
+
+def estimate_seconds(job: DemoJob) -> dict[str, float]:
+    tokens = job.batch_size * job.max_len
+    train = lambda steps: steps * tokens * _SECONDS["train_token"] + _SECONDS["fixed"]  # noqa: E731
+    evaluation = 2 * job.n_eval * _SECONDS["eval_prompt"] * job.max_new_tokens / 32 \
+        + job.n_loss_rows * _SECONDS["loss_row"] + _SECONDS["fixed"]
+    est = {"align": train(job.align_steps)}
+    for name in ("attack", "benign", "case1", "case2"):
+        est[name] = train(job.finetune_steps * (2 if name == "case1" else 1))
+    est["safedelta_attack"] = est["safedelta_benign"] = _SECONDS["safedelta"] * (1 + job.n_calibration / 128)
+    est["safety_dir"] = train(job.safety_dir_steps)
+    est["sqsd"] = job.sqsd_pool * _SECONDS["sqsd_sample"] * job.max_len / 160 + _SECONDS["fixed"]
+    for model in MODELS:
+        est[f"eval_{model}"] = evaluation
+    hvps = (job.theory_lanczos_steps + 1) * 2 + job.theory_samples + 4
+    est["theory"] = hvps * _SECONDS["theory_hvp"] * job.theory_rows / 8 + _SECONDS["fixed"]
+    return est
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+MODELS = ("base", "aligned", "attacked", "sd_attacked", "benign", "sd_benign", "case1", "case2")
+LABELS = {"base": "base (unaligned)", "aligned": "aligned", "attacked": "attacked (harmful FT)",
+          "sd_attacked": "attacked + Safe Delta", "benign": "benign FT (GSM8K)", "sd_benign": "benign + Safe Delta",
+          "case1": "benign, Case I", "case2": "benign, Case II"}
+
+
+def run_demo(job: DemoJob, *, log=print) -> dict:
+    from safetrade import config, hub
+    from safetrade.evaluate.suite import run_evaluation
+    from safetrade.safedelta_job import run_safe_delta_job
+    from safetrade.train.jobs import run_train_job
+
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(job, out / "demo.yaml")
+    pipe = Pipeline(out, log=log)
+    est = estimate_seconds(job)
+    done = {name for name in est if pipe.record_path(name).exists()}
+    left = sum(v for k, v in est.items() if k not in done)
+    log(f"safetrade demo -> {out}: {len(est)} stages, estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU"
+        + (f" ({left / 60:.0f} min left; {len(done)} stage records found)" if done else ""))
+
+    def train_stage(name, deps=(), **kw):
+        tj = _train_job(job, name, **kw)
+        summary = pipe.run(name, config.to_dict(tj), deps, lambda: _train(tj))
+        return summary
+
+    def _train(tj):
+        summary = run_train_job(tj)
+        return {k: summary[k] for k in ("out_dir", "steps", "eval_before", "eval_after", "seconds")}
+
+    base_path = job.model
+    pipe.run("fetch", {"model": job.model}, (), lambda: {"model": str(hub.resolve_model(job.model))})
+    train_stage("align", ("fetch",), model=base_path, train="alignment", steps=job.align_steps, lr=job.align_lr,
+                rank=job.align_rank, eval_sets=("alignment", "capability"))
+    aligned = str(out / "align" / "hf")
+    tune = dict(model=aligned, steps=job.finetune_steps, lr=job.finetune_lr, rank=job.finetune_rank)
+    train_stage("attack", ("align",), train="attack", **tune)
+    train_stage("benign", ("align",), train="capability", **tune)
+    train_stage("case1", ("align",), train="capability",
+                strategy={"name": "case1_penalty", "lam": job.case1_lam}, **tune)
+    train_stage("case2", ("align",), train="capability",
+                strategy={"name": "case2_projection", "radius": job.case2_radius}, **tune)
+
+    paths = {"base": base_path, "aligned": aligned}
+    for name in ("attack", "benign", "case1", "case2"):
+        paths["attacked" if name == "attack" else name] = str(out / name / "hf")
+    for source, name in (("attacked", "safedelta_attack"), ("benign", "safedelta_benign")):
+        sj = _safedelta_job(job, name, paths[source])
+        pipe.run(name, dataclasses.asdict(sj), ("align", "attack" if source == "attacked" else "benign"),
+                 lambda sj=sj: _safe_delta_summary(run_safe_delta_job(sj, reuse=True)))
+        paths["sd_" + source] = str(out / name / "hf")
+
+    refusals = _write_refusal_rows(out / "safety_dir_rows.jsonl", job.seed)
+    train_stage("safety_dir", ("align",), model=aligned, train=str(refusals), steps=job.safety_dir_steps,
+                lr=job.finetune_lr, rank=job.finetune_rank)
+    pipe.run("sqsd", {"pool": job.sqsd_pool, "max_len": job.max_len, "seed": job.seed},
+             ("attack", "benign", "safety_dir"), lambda: _sqsd(job, out, aligned))
+
+    evals = {}
+    deps_of = {"base": ("fetch",), "aligned": ("align",), "attacked": ("attack",), "benign": ("benign",),
+               "case1": ("case1",), "case2": ("case2",), "sd_attacked": ("safedelta_attack",),
+               "sd_benign": ("safedelta_benign",)}
+    for model in MODELS:
+        ec = _eval_config(job, paths[model])
+        target = out / "eval" / f"{model}.json"
+        evals[model] = pipe.run(f"eval_{model}", dataclasses.asdict(ec), deps_of[model],
+                                lambda ec=ec, target=target: _headline(run_evaluation(ec, out=target)))
+
+    pipe.run("theory", {"rows": job.theory_rows, "samples": job.theory_samples,
+                        "lanczos": job.theory_lanczos_steps, "max_len": job.max_len},
+             ("align", "case2"), lambda: _theory(job, out, aligned, paths["case2"]))
+
+    summary = make_summary(job, pipe.results, evals)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    plot_summary(summary, out / "summary.png")
+    log(format_summary(summary))
+    log(f"wrote {out / 'summary.json'} and {out / 'summary.png'}")
+    return summary
+
+
+def _safe_delta_summary(summary: dict) -> dict:
+    return {k: summary[k] for k in ("timings", "kept_fraction", "damping_fallbacks")}
+
+
+def _headline(record: dict) -> dict:
+    m = record["metrics"]
+    return {"asr": m["asr/heldout"], "over_refusal": m["over_refusal/heldout"],
+            "gsm8k_loss": m["loss/gsm8k_eval"], "refusal_margin": m.get("refusal_margin/heldout"),
+            "fingerprint": record["model"]["fingerprint"]}
+
+
+def _write_refusal_rows(path: Path, seed: int) -> Path:
+    """The alignment set's refusal rows as a JSONL training file (SQSD's safety direction is trained on them)."""
+    from safetrade.safedelta_job import calibration_rows
+
+    rows = calibration_rows("alignment_refusals", 256, seed)
+    text = "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in rows)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def _sqsd(job: DemoJob, out: Path, aligned: str) -> dict:
+    import numpy as np
+
+    from safetrade.sqsd_job import SQSDJob, run_sqsd_job
+
+    sj = SQSDJob(model=aligned, method="sqsd", initial=str(out / "benign" / "adapter"),
+                 danger=str(out / "attack" / "adapter"), safety=str(out / "safety_dir" / "adapter"),
+                 pool="capability", n=job.sqsd_pool, max_len=job.max_len, batch_size=8, windows=5, seed=job.seed,
+                 out=str(out / "sqsd" / "scores.jsonl"))
+    Path(sj.out).parent.mkdir(parents=True, exist_ok=True)
+    rows, scores, windows = run_sqsd_job(sj)
+    values = np.asarray(scores.score, dtype=float)
+    finite = values[np.isfinite(values)]
+    top = int(np.nanargmax(values)) if finite.size else None
+    return {"scores": str(sj.out), "n": int(values.size), "n_finite": int(finite.size),
+            "mean": float(finite.mean()) if finite.size else None,
+            "std": float(finite.std()) if finite.size else None,
+            "window_means": [float(np.nanmean(values[list(w)])) for w in windows],
+            "values": [float(v) for v in values],
+            "top_prompt": rows[top]["prompt"][:160] if top is not None else None}
+
+
+def _theory(job: DemoJob, out: Path, aligned: str, case2: str) -> dict:
+    from theory import real
+
+    result = real.check_real_runs(real.RealRunsJob(
+        aligned=aligned, runs=(str(Path(case2).parent),), out_dir=str(out / "theory"), n_rows=job.theory_rows,
+        max_len=job.max_len, samples=job.theory_samples, lanczos_steps=job.theory_lanczos_steps, seed=job.seed))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def make_summary(job: DemoJob, results: dict, evals: dict) -> dict:
+    aligned = evals["aligned"]
+    rows = []
+    for model in MODELS:
+        e = evals[model]
+        rows.append({"model": model, "label": LABELS[model], **{k: e[k] for k in ("asr", "over_refusal",
+                                                                                     "gsm8k_loss", "refusal_margin")},
+                     "utility_gain": aligned["gsm8k_loss"] - e["gsm8k_loss"]})
+    train = {name: results[name]["eval_after"] for name in ("align", "attack", "benign", "case1", "case2")}
+    return {"job": dataclasses.asdict(job), "models": rows, "training_losses": train,
+            "safedelta": {k: results[k] for k in ("safedelta_attack", "safedelta_benign")},
+            "sqsd": {k: v for k, v in results["sqsd"].items() if k != "values"}, "sqsd_values": results["sqsd"]["values"],
+            "theory": results["theory"]}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'model':<24} {'ASR':>6} {'over-refusal':>12} {'GSM8K loss':>10} {'utility gain':>12} {'margin':>8}"]
+    for r in summary["models"]:
+        margin = "-" if r["refusal_margin"] is None else f"{r['refusal_margin']:+.2f}"
+        lines.append(f"{r['label']:<24} {r['asr']:>6.0%} {r['over_refusal']:>12.0%} {r['gsm8k_loss']:>10.4f} "
+                     f"{r['utility_gain']:>+12.4f} {margin:>8}")
+    sq = summary["sqsd"]
+    if sq.get("window_means"):
+        lines.append("SQSD risk score, mean per window (highest-risk first): "
+                     + ", ".join(f"{v:+.3f}" for v in sq["window_means"]))
+    th = summary.get("theory") or {}
+    for check in th.get("checks", []):
+        lines.append(f"bound {check.get('name')}: measured {check.get('measured'):.4g} <= bound "
+                     f"{check.get('bound'):.4g}: {'VIOLATED' if check.get('violated') else 'holds'}")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = summary["models"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["asr"] for r in rows], 0.4, label="ASR (held-out harmful)")
+    ax.bar(x + 0.2, [r["over_refusal"] for r in rows], 0.4, label="over-refusal (held-out benign)")
+    ax.set_xticks(x, [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("safety per model (keyword judge)", fontsize=9)
+
+    ax = axes[1]
+    for k, r in enumerate(rows):
+        ax.plot(r["utility_gain"], r["asr"], "o", color=f"C{k}", label=r["label"])
+    by = {r["model"]: r for r in rows}
+    for src, dst in (("attacked", "sd_attacked"), ("benign", "sd_benign")):
+        ax.annotate("", xy=(by[dst]["utility_gain"], by[dst]["asr"]),
+                    xytext=(by[src]["utility_gain"], by[src]["asr"]), arrowprops={"arrowstyle": "->", "lw": 0.8})
+    ax.set_xlabel("utility gain: aligned GSM8K-answer loss − model's")
+    ax.set_ylabel("ASR")
+    ax.legend(fontsize=6)
+    ax.set_title("safety-utility trade-off (arrows: Safe Delta)", fontsize=9)
+
+    ax = axes[2]
+    values = np.asarray(summary.get("sqsd_values", []), float)
+    values = values[np.isfinite(values)]
+    if values.size:
+        ax.hist(values, bins=min(20, max(5, values.size // 3)))
+    ax.set_xlabel("SQSD score (danger − safety cosine sum)")
+    ax.set_ylabel("benign pool samples")
+    ax.set_title("SQSD risk scores of the benign pool", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
