@@ -12,6 +12,9 @@ Input: a list of plain dicts, one per run (from a real-model experiment, or from
   case1     lam, capability_excess_at_anchor (L_f(θ_s) − min L_f; in practice L_f(θ_s) minus the best capability loss
             seen), similarity (δ, e.g. bounds.similarity_term at θ_s and θ)
                                → the penalty bound excess/λ + 2δ                (bounds.case1_penalty_bound)
+            capability_loss (optional, L_f(θ)): used by case1_trends only
+  optional  group (str): the series a run belongs to, e.g. the proxy set of a Case I run; the plot draws one line
+            per group and case1_trends compares groups
 
 Every bound whose ingredients are present is evaluated; missing ingredients skip that bound. The constants of a real
 model are estimates (landscape.local_lipschitz and smoothness_along are maxima over sampled points, i.e. lower
@@ -37,6 +40,8 @@ class BoundCheck:
     measured: float
     bound: float
     violated: bool
+    group: str = ""  # series within a bound kind (e.g. the proxy set); "" when there is one series
+
 
     @property
     def slack(self) -> float:
@@ -78,7 +83,7 @@ def check_runs(runs: Sequence[Mapping], tolerance: float = 0.0) -> list[BoundChe
         for bound_name, measured, bound in candidates:
             measured, bound = float(measured), float(bound)
             checks.append(BoundCheck(name, strategy, bound_name, x, measured, bound,
-                                     _violated(measured, bound, tolerance)))
+                                     _violated(measured, bound, tolerance), str(run.get("group", ""))))
     return checks
 
 
@@ -97,7 +102,8 @@ def format_table(checks: Sequence[BoundCheck]) -> str:
 
 
 def plot(checks: Sequence[BoundCheck], path) -> None:
-    """PNG: one panel per bound kind, measured (dots) and bound (crosses) against the dial; violations in red."""
+    """PNG: one panel per bound kind, one bound line (crosses) per group, measured gaps as dots: green when within
+    the bound, red and labelled "VIOLATED" when not, so a violation can never be lost in the figure."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; safe inside the training process as well
@@ -106,18 +112,25 @@ def plot(checks: Sequence[BoundCheck], path) -> None:
     kinds = list(dict.fromkeys(c.bound_name for c in checks))
     fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(4.2 * max(1, len(kinds)), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        rows = sorted((c for c in checks if c.bound_name == kind), key=lambda c: c.x)
-        xs = [c.x for c in rows]
-        ax.plot(xs, [c.bound for c in rows], "x--", color="tab:blue", label="bound")
-        ax.scatter(xs, [c.measured for c in rows], c=["tab:red" if c.violated else "tab:green" for c in rows],
-                   zorder=3, label="measured")
-        strategy = rows[0].strategy
+        of_kind = [c for c in checks if c.bound_name == kind]
+        for g, group in enumerate(dict.fromkeys(c.group for c in of_kind)):
+            rows = sorted((c for c in of_kind if c.group == group), key=lambda c: c.x)
+            xs = [c.x for c in rows]
+            suffix = f" ({group})" if group else ""
+            ax.plot(xs, [c.bound for c in rows], "x--", color=f"C{g}", label="bound" + suffix)
+            ax.scatter(xs, [c.measured for c in rows], c=["tab:red" if c.violated else "tab:green" for c in rows],
+                       marker="os^vD"[g % 5], zorder=3, label="measured" + suffix)
+            for c in rows:
+                if c.violated:
+                    ax.annotate("VIOLATED", (c.x, c.measured), fontsize=7, color="tab:red",
+                                xytext=(3, 3), textcoords="offset points")
+        strategy = of_kind[0].strategy
         ax.set_xlabel("λ" if strategy == "case1" else "‖θ − θ_s‖")
-        if strategy == "case1" and all(x > 0 for x in xs):
+        if strategy == "case1" and all(c.x > 0 for c in of_kind):
             ax.set_xscale("log")
         ax.set_ylabel("capability gain" if kind == "capability_gain" else "safety gap G_s")
-        ax.set_title(f"{strategy}: {kind} ({sum(c.violated for c in rows)} violated)")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{strategy}: {kind} ({sum(c.violated for c in of_kind)} violated)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,3 +146,96 @@ def summary(checks: Sequence[BoundCheck]) -> dict:
                      "worst_run": worst.run, "worst_slack": worst.slack,
                      "worst_ratio": worst.measured / worst.bound if worst.bound else math.inf}
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case I trends: the qualitative claims (tradeoff.md §3.1, items 1 and 4), read off measured runs
+# ---------------------------------------------------------------------------------------------------------------
+
+def _monotone_breaks(xs: Sequence[float], ys: Sequence[float], increasing: bool, tolerance: float) -> list:
+    """Consecutive pairs (x_i, x_j), sorted by x, where y moves against the claimed direction by more than
+    tolerance·max(1, |y_i|)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    breaks = []
+    for i, j in zip(order, order[1:]):
+        step = ys[j] - ys[i]
+        against = -step if increasing else step
+        if against > tolerance * max(1.0, abs(ys[i])):
+            breaks.append([xs[i], xs[j]])
+    return breaks
+
+
+def case1_trends(runs: Sequence[Mapping], tolerance: float = 0.0) -> dict:
+    """Which Case I trends held in measured runs (strategy "case1"; keys lam, safety_gap, group, similarity and
+    optionally capability_loss).
+
+    Per group (proxy set): is the safety gap non-increasing in λ, and the capability loss non-decreasing (claim 4:
+    the inverse relationship)? Across groups, at every λ measured for two or more groups: does the group with the
+    smaller similarity term δ (the closer proxy) have the smaller safety gap (claim 1)? A claim "held" only if it
+    held at every compared point; the breaking pairs are listed. A single λ per group compares nothing: held is
+    then None, never True.
+    """
+    case1 = [r for r in runs if r.get("strategy") == "case1"]
+    groups: dict[str, list] = {}
+    for r in case1:
+        groups.setdefault(str(r.get("group", "")), []).append(r)
+    per_group = {}
+    for group, rows in groups.items():
+        rows = sorted(rows, key=lambda r: float(r["lam"]))
+        lams = [float(r["lam"]) for r in rows]
+        gaps = [float(r["safety_gap"]) for r in rows]
+        entry = {"lams": lams, "safety_gaps": gaps,
+                 "similarity": max((float(r["similarity"]) for r in rows if "similarity" in r), default=None)}
+        breaks = _monotone_breaks(lams, gaps, increasing=False, tolerance=tolerance)
+        entry["safety_gap_nonincreasing"] = {"held": None if len(rows) < 2 else not breaks, "breaks": breaks}
+        if all("capability_loss" in r for r in rows):
+            losses = [float(r["capability_loss"]) for r in rows]
+            entry["capability_losses"] = losses
+            breaks = _monotone_breaks(lams, losses, increasing=True, tolerance=tolerance)
+            entry["capability_loss_nondecreasing"] = {"held": None if len(rows) < 2 else not breaks,
+                                                      "breaks": breaks}
+        per_group[group] = entry
+    comparisons = []
+    ranked = [g for g in per_group if per_group[g]["similarity"] is not None]
+    for lam in sorted({float(r["lam"]) for r in case1}):
+        at = {g: per_group[g]["safety_gaps"][per_group[g]["lams"].index(lam)]
+              for g in ranked if lam in per_group[g]["lams"]}
+        if len(at) < 2:
+            continue
+        closest = min(at, key=lambda g: per_group[g]["similarity"])
+        smallest_gap = min(at, key=at.get)
+        comparisons.append({"lam": lam, "closest_proxy": closest, "smallest_gap": smallest_gap,
+                            "safety_gaps": at, "held": at[closest] <= at[smallest_gap] + tolerance *
+                            max(1.0, abs(at[smallest_gap]))})
+    closer = {"held": None if not comparisons else all(c["held"] for c in comparisons),
+              "compared": len(comparisons), "held_at": sum(c["held"] for c in comparisons),
+              "comparisons": comparisons}
+    return {"per_proxy": per_group, "closer_proxy_smaller_gap": closer}
+
+
+def _held(flag) -> str:
+    return "n/a (one point)" if flag is None else ("held" if flag else "**did not hold**")
+
+
+def format_trends(trends: Mapping) -> str:
+    """Markdown: G_s and L_f against λ per proxy, then one line per claim saying whether it held."""
+    lines = ["| proxy | δ | λ | G_s | L_f |", "|---|---:|---:|---:|---:|"]
+    for group, e in trends["per_proxy"].items():
+        losses = e.get("capability_losses", [math.nan] * len(e["lams"]))
+        delta = "-" if e["similarity"] is None else f"{e['similarity']:.4g}"
+        for lam, gap, loss in zip(e["lams"], e["safety_gaps"], losses):
+            lines.append(f"| {group or '-'} | {delta} | {lam:.4g} | {gap:.4g} | {loss:.4g} |")
+    lines.append("")
+    for group, e in trends["per_proxy"].items():
+        s = e["safety_gap_nonincreasing"]
+        lines.append(f"- proxy {group or '-'}: safety gap non-increasing in λ: {_held(s['held'])}"
+                     + (f" (breaks between λ pairs {s['breaks']})" if s["breaks"] else ""))
+        if "capability_loss_nondecreasing" in e:
+            c = e["capability_loss_nondecreasing"]
+            lines.append(f"- proxy {group or '-'}: capability loss non-decreasing in λ: {_held(c['held'])}"
+                         + (f" (breaks between λ pairs {c['breaks']})" if c["breaks"] else ""))
+    closer = trends["closer_proxy_smaller_gap"]
+    lines.append(f"- closer proxy (smaller δ) → smaller safety gap at equal λ: {_held(closer['held'])}"
+                 + (f" ({closer['held_at']} of {closer['compared']} λ values)" if closer["compared"] else
+                    " (needs ≥ 2 proxies at a shared λ)"))
+    return "\n".join(lines)
