@@ -116,18 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--config", type=Path, default=None, help="YAML file of TheoryJob fields")
     th.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
-    th = sub.add_parser(
-        "theory", help="check the project's Case I / Case II bounds against gaps measured in fine-tune runs",
-        description="Measure r = ||θ − θ_s||, the safety gap G_s, proxy and capability losses of each fine-tune "
-                    "run dir (OUT_DIR/hf + OUT_DIR/config.yaml, as `safetrade finetune` writes them) against the "
-                    "aligned model; estimate Lipschitz/smoothness constants (Case II) and the min-L_f and "
-                    "similarity terms (Case I); check the bounds and write result.json, bounds.md, bounds.png to "
-                    "out_dir. Settings are KEY=VALUE fields of theory.real.TheoryJob, e.g. aligned=runs/align/hf "
-                    "runs=[runs/case2/r0.5,runs/case2/r1] out_dir=runs/theory n_rows=16 lanczos_steps=8.")
-    th.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TheoryJob fields, e.g. samples=4")
-    th.add_argument("--config", type=Path, default=None, help="YAML file of TheoryJob fields")
-    th.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
     sq = sub.add_parser(
         "sqsd", help="score a benign pool for safety-degradation risk (SQSD or a baseline); JSONL + windows",
         description="Per-sample risk scores of a benign training pool. SQSD needs three PEFT adapters on the same "
@@ -328,21 +316,6 @@ def cmd_theory(args) -> int:
     return 0
 
 
-def cmd_theory(args) -> int:
-    from safetrade import config
-    from theory.real import TheoryJob, run_theory_job
-
-    job = _resolved_config(TheoryJob, args)
-    if job is None:
-        return 0
-    config.save(job, Path(job.out_dir) / "config.yaml")
-    result = run_theory_job(job)
-    print((Path(job.out_dir) / "bounds.md").read_text())
-    print(f"{result['violations']} violation(s); wrote result.json, bounds.md, bounds.png to {job.out_dir}",
-          file=sys.stderr)
-    return 0
-
-
 def cmd_sqsd(args) -> int:
     from safetrade.sqsd_job import SQSDJob, run_sqsd_job
 
@@ -357,7 +330,7 @@ def cmd_sqsd(args) -> int:
     return 0
 
 
-COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "theory": cmd_theory, "theory": cmd_theory, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "theory": cmd_theory, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
             "finetune": cmd_train_job}
 
 
