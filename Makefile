@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VENV := .venv-torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-aot clean
+.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-sqsd bench-aot clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,13 @@ bench-eval: setup $(TORCH_VENV)/.installed
 
 bench-safedelta: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/safedelta.py --torch-python $(TORCH_VENV)/bin/python
+
+bench-sqsd: setup $(TORCH_VENV)/.installed
+	$(BIN)/python bench/sqsd.py --torch-python $(TORCH_VENV)/bin/python
+
+# HVP and power-iteration cost against a gradient on SmolLM2-135M (no torch reference needed: the ratio is internal).
+bench-theory: setup
+	$(BIN)/python bench/theory.py
 
 bench-aot: setup
 	$(BIN)/python bench/aot_compile.py --preset llama2_7b --devices 8 --fsdp 8
