@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VENV := .venv-torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-sqsd bench-aot clean
+.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-sqsd bench-theory bench-aot clean
 
 setup: $(STAMP)
 

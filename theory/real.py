@@ -124,10 +124,16 @@ def read_runs(run_dirs, aligned_cfg, aligned: str) -> list[RunSpec]:
         if _architecture(run_cfg) != _architecture(aligned_cfg):
             raise SafetradeError(f"{path / 'hf'} is not the same architecture as the aligned model {aligned} "
                                  f"({_differences(_architecture(run_cfg), _architecture(aligned_cfg))})")
-        name = path.name if path.name not in names else str(path)
+        # The dir name, or parent/name where two runs share a name (e.g. <proxy>/lam1 for two proxies).
+        name = path.name if path.name not in names else f"{path.parent.name}/{path.name}"
         names.add(name)
         specs.append(RunSpec(path, name, train_job, CASE_OF_STRATEGY.get(train_job.strategy.name)))
     return specs
+
+
+def proxy_label(proxy: str) -> str:
+    """A short name for tables and legends: the file stem of a proxy given as a path, else the set's name."""
+    return Path(proxy).stem if ("/" in proxy or Path(proxy).suffix) else proxy
 
 
 def _align_data(job: TheoryJob):
@@ -220,7 +226,7 @@ def measure_runs(job: TheoryJob, cfg, aligned, tokenizer, specs: list[RunSpec]) 
         record["capability_loss"] = record["loss_f"]
         if spec.case == "case1":
             record["lam"] = float(strategy.lam)
-            record["group"] = data.proxy
+            record["group"] = proxy_label(data.proxy)
         elif spec.case == "case2":
             record["radius"] = float(strategy.radius) if strategy.name == "case2_projection" else None
             key = jax.random.fold_in(jax.random.key(job.seed), k)
@@ -300,8 +306,8 @@ NOTES = [
 def _case1_table(records: list[dict]) -> str:
     lines = ["| run | proxy | λ | G_s | L_f | L_f(θ_s) − min L_f (est.) | δ | F(θ_λ) ≤ F(θ_s) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in sorted((r for r in records if r["strategy"] == "case1"), key=lambda r: (r["proxy"], r["lam"])):
-        lines.append(f"| {r['name']} | {r['proxy']} | {r['lam']:.4g} | {r['safety_gap']:.4g} | {r['loss_f']:.4g} | "
+    for r in sorted((r for r in records if r["strategy"] == "case1"), key=lambda r: (r["group"], r["lam"])):
+        lines.append(f"| {r['name']} | {r['group']} | {r['lam']:.4g} | {r['safety_gap']:.4g} | {r['loss_f']:.4g} | "
                      f"{r['capability_excess_at_anchor']:.4g} | {r['similarity']:.4g} | "
                      f"{'yes' if r['objective_decreased'] else '**no**'} |")
     return "\n".join(lines)
@@ -327,7 +333,7 @@ def plot_case1_trends(records: list[dict], path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
     for g, proxy in enumerate(dict.fromkeys(r["proxy"] for r in case1)):
         rows = sorted((r for r in case1 if r["proxy"] == proxy), key=lambda r: r["lam"])
-        label = f"{Path(proxy).name} (δ={rows[0]['similarity']:.3g})"
+        label = f"{rows[0]['group']} (δ={rows[0]['similarity']:.3g})"
         axes[0].plot([r["lam"] for r in rows], [r["safety_gap"] for r in rows], "o-", color=f"C{g}", label=label)
         axes[1].plot([r["lam"] for r in rows], [r["loss_f"] for r in rows], "o-", color=f"C{g}", label=label)
     for ax, ylabel in zip(axes, ("safety gap G_s", "capability loss L_f")):
