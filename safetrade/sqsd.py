@@ -455,7 +455,8 @@ def alignment_terms(params: Params, grads: dict, directions: Directions, lr, spa
 
 
 def module_metric(terms: dict, metric: str = "cosine") -> np.ndarray:
-    """Per-sample, per-module scores [S, M, L]: cos(δW, D) or ⟨δW, D⟩/‖D‖; 0 where a needed norm is 0."""
+    """Per-sample, per-module scores [S, M, L]: cos(δW, D) or ⟨δW, D⟩/‖D‖; 0 where a needed norm is 0, NaN where
+    the update or direction is not finite."""
     if metric not in METRICS:
         raise SQSDError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     dot = np.asarray(terms["dot"], np.float64)
@@ -463,7 +464,11 @@ def module_metric(terms: dict, metric: str = "cosine") -> np.ndarray:
     denominator = direction_norm if metric == "projection" else (
         np.sqrt(np.asarray(terms["update_sq"], np.float64)) * direction_norm)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, dot / np.where(denominator > 0, denominator, 1.0), 0.0)
+        metric_values = np.where(denominator > 0, dot / np.where(denominator > 0, denominator, 1.0), 0.0)
+    # A NaN/inf update fails `denominator > 0` and would read as a zero-norm module (a silent 0): keep it NaN,
+    # so the sample is flagged "non_finite" downstream.
+    finite = np.isfinite(dot) & np.isfinite(denominator)
+    return np.where(finite, metric_values, np.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------------

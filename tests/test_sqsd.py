@@ -350,3 +350,35 @@ def test_baselines(model, examples, grads):
     # Random: seeded
     assert np.array_equal(sqsd.random_scores(head, seed=1).score, sqsd.random_scores(head, seed=1).score)
     assert not np.array_equal(sqsd.random_scores(head, seed=1).score, sqsd.random_scores(head, seed=2).score)
+
+
+def test_more_bad_input_cut_rows_non_finite_updates_and_foreign_directions(model, examples):
+    lora_cfg, params, danger = model
+    probe = sqsd.DirectionProbe(lora_cfg, params, sqsd.Directions.from_adapters(lora_cfg, danger))
+    eos = 2
+    # encode_rows(policy="truncate") leaves a cut row ending on a target token that is not eos: with eos_id the
+    # scorer counts it as truncated (it fits max_len, so only the missing eos tells); a row ending on eos is whole.
+    cut, whole = dict(examples[0], id="cut"), dict(examples[1], id="whole")
+    cut["input_ids"] = np.r_[cut["input_ids"][:-1], 7].astype(np.int32)
+    whole["input_ids"] = np.r_[whole["input_ids"][:-1], eos].astype(np.int32)
+    scores = sqsd.score_samples([cut, whole], probe, batch_size=BATCH, max_len=MAX_LEN, eos_id=eos)
+    assert scores.flags == [("truncated",), ()] and scores.n_truncated == 1 and np.all(scores.valid)
+
+    # A non-finite update (here: a NaN in one adapter of the scoring state) gives NaN + "non_finite", never 0.
+    broken = jax.tree.map(lambda x: x, params)
+    broken["blocks"]["attn"]["q_proj"]["lora_b"] = broken["blocks"]["attn"]["q_proj"]["lora_b"].at[0, 0, 0].set(
+        jnp.nan)
+    bad = sqsd.score_samples(examples[:2], sqsd.DirectionProbe(lora_cfg, broken, probe.directions),
+                             batch_size=BATCH, max_len=MAX_LEN)
+    assert np.all(np.isnan(bad.score)) and all("non_finite" in f for f in bad.flags)
+    assert "0 of 2 samples scored (2 non_finite)" in bad.summary()
+
+    # Directions from a model with another depth (3 layers instead of 2): the shape error names the module.
+    deeper = lora_cfg.replace(num_layers=CFG.num_layers + 1)
+    foreign = sqsd.Directions.from_adapters(deeper, lora.split(random_params(deeper, seed=3))[1])
+    with pytest.raises(sqsd.DirectionsMismatch, match=r"blocks/attn/k_proj.*\(3, 64,"):
+        sqsd.score_samples(examples[:1], sqsd.DirectionProbe(lora_cfg, params, foreign), max_len=MAX_LEN)
+
+    # Scoring params without adapters at a direction's module (e.g. base weights passed by mistake).
+    with pytest.raises(sqsd.DirectionsMismatch, match="no lora_a/lora_b at 'blocks/attn/k_proj'"):
+        sqsd.DirectionProbe(lora_cfg, lora.split(params)[0], probe.directions).check()
