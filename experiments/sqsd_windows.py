@@ -1,48 +1,74 @@
 """SQSD window experiment: rank a benign pool, fine-tune the aligned model on each window, measure ASR per window.
 
     python experiments/sqsd_windows.py --aligned runs/align/hf --out runs/sqsd_windows \
-        [--pool capability --pool-size 500 --methods sqsd random gradient --window-steps 20 --filter-k 50]
+        [--pool capability --pool-size 250 --methods sqsd random gradient --window-steps 15 --filter-k 50]
 
 1. Directions: three LoRA adapters on the aligned model, all seven projections (the official setting), trained with
-   the training engine: "initial" (a few steps on the benign pool's source), "danger" (harmful Q+A attack set),
-   "safety" (proxy refusals). Cached: an adapter dir that exists is reused.
-2. Scores: each --methods scorer (safetrade/sqsd_job.py) ranks the same pool; 5 equal windows, S1 = highest risk.
-3. Windows: the aligned model is fine-tuned (full parameters, plain SFT, --window-steps steps) on each window and
-   evaluated: keyword ASR and refusal margin on held-out harmful prompts. The claim: ASR falls from S1 to S5 for
-   SQSD. Reported per method: Spearman correlation of window index vs ASR (negative = claim holds) and S1 − S5.
-4. Filtering (--filter-k > 0): fine-tune on the pool minus its top-k SQSD samples and minus k random samples.
-Writes result.json and windows.png to --out. Every fine-tune and evaluation is a cached sub-run (re-running skips
-what exists), so the study can be interrupted and resumed.
+   the training engine: "initial" (--initial-steps on the benign pool's source), "danger" (harmful Q+A attack set),
+   "safety" (proxy refusals), --adapter-steps each.
+2. Scores: each --methods scorer (sqsd, random, gradient = He et al. bidirectional gradient matching,
+   representation = He et al. representation matching, self_inf; safetrade/sqsd_job.py) ranks the same pool;
+   --windows equal windows with the official linspace starts, S1 = highest risk.
+3. Windows: the aligned model is fine-tuned on each window (--window-mode lora: rank-8 LoRA on all seven
+   projections, as the official LLaMA-Factory runs; full: all parameters), --window-steps steps of batch 8 over
+   the whole window (no rows held out), and evaluated: keyword ASR and refusal margin on --n-eval held-out harmful
+   prompts. The claim: ASR falls from S1 to S5 for SQSD. Reported per method: Spearman correlation of window index
+   vs ASR (negative = the ranking predicts the degradation) and S1 − S5.
+4. Filtering (--filter-k > 0, needs sqsd among the methods): fine-tune on the pool minus its top-k SQSD samples
+   and minus k random samples, same steps; lower ASR for the SQSD-filtered pool = the filter helps.
+
+Writes result.json (rewritten after every method) and windows.png (ASR per window per method, ρ and S1 − S5 in the
+legend) to --out. Every sub-run is cached there and reused when its output exists: adapters and fine-tunes
+(summary.json), scorings (scores_<method>.jsonl: the windows are rebuilt from the stored scores, which the
+ranking is a pure function of), evaluations (eval_*.json). An interrupted study resumes where it stopped; delete
+a sub-run's folder or file to redo it. Settings are not part of the cache key: use a new --out for new settings.
+A persistent XLA compilation cache (--out/jax_cache) lets the many same-shaped fine-tunes and evaluations reuse
+compiled programs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import time
 from pathlib import Path
 
 import numpy as np
 
 LORA_ALL = "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+METHODS = ("sqsd", "random", "gradient", "representation", "self_inf")
+
+
+def log(message: str) -> None:
+    print(f"[sqsd_windows {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def train(config: str, out: Path, overrides: list[str]) -> Path:
+    """A training-engine run into `out`, skipped when its summary.json exists (the run finished)."""
     from safetrade import config as config_lib
     from safetrade.train.jobs import run_train_job
 
-    if not (out / "summary.json").exists():
+    if (out / "summary.json").exists():
+        log(f"reusing {out}")
+    else:
+        t = time.perf_counter()
         run_train_job(config_lib.load(config_lib.TrainJob, config, [f"out_dir={out}", *overrides]))
+        log(f"trained {out} in {time.perf_counter() - t:.0f}s")
     return out
 
 
 def asr(model: str, out: Path, n: int) -> dict:
+    """Keyword ASR and refusal margin on n held-out harmful prompts; the evaluation JSON at `out` is reused."""
     from safetrade.evaluate.suite import EvalConfig, run_evaluation
 
     if out.exists():
         record = json.loads(out.read_text())
     else:
+        t = time.perf_counter()
         record = run_evaluation(EvalConfig(model=model, harmful=("heldout",), n_harmful=n, benign=None,
-                                           judges=("keyword",), max_new_tokens=48), out=out)
+                                           judges=("keyword",), max_new_tokens=48), out=out, progress=False)
+        log(f"evaluated {model} in {time.perf_counter() - t:.0f}s")
     return {"asr": record["metrics"]["asr/heldout"], "refusal_margin": record["metrics"]["refusal_margin/heldout"]}
 
 
@@ -54,68 +80,147 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> None:
+def cached_scores(path: Path, rows: list[dict]) -> np.ndarray | None:
+    """Per-row scores (pool order, NaN where unscored) from a scoring JSONL written for exactly these rows."""
+    if not path.exists():
+        return None
+    stored = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if [r.get("id") for r in stored] != [str(r["id"]) for r in rows]:
+        raise SystemExit(f"{path} was written for a different pool (its row ids differ from --pool/--pool-size/"
+                         "--seed now); delete it or use another --out")
+    return np.array([np.nan if r.get("score") is None else float(r["score"]) for r in stored], np.float64)
+
+
+def score_pool(method: str, args, rows: list[dict], adapters: dict[str, Path]) -> np.ndarray:
+    """Scores of the pool rows by `method` (cached JSONL), NaN where a row could not be scored."""
+    from safetrade.sqsd_job import SQSDJob, run_sqsd_job
+
+    path = args.out / f"scores_{method}.jsonl"
+    scores = cached_scores(path, rows)
+    if scores is not None:
+        log(f"reusing {path}")
+        return scores
+    t = time.perf_counter()
+    job = SQSDJob(model=args.aligned, method=method, pool=args.pool, n=args.pool_size, seed=args.seed,
+                  max_len=args.max_len, batch_size=args.score_batch, windows=args.windows, out=str(path),
+                  **({k: str(v / "adapter") for k, v in adapters.items()} if method == "sqsd" else {}))
+    _, result, _ = run_sqsd_job(job, rows=rows)
+    log(f"scored {len(rows)} rows with {method} in {time.perf_counter() - t:.0f}s ({result.summary()})")
+    by_id = dict(zip(result.ids, result.score))
+    return np.array([by_id.get(str(r["id"]), np.nan) for r in rows], np.float64)
+
+
+def finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def window_trend(per_window: list[dict]) -> dict:
+    """Spearman(window index, ASR) (None when ASR is constant) and S1 − S5 ASR."""
     from scipy.stats import spearmanr
 
-    from safetrade.sqsd_job import SQSDJob, pool_rows, run_sqsd_job
+    asrs = [w["asr"] for w in per_window]
+    rho = spearmanr(range(1, len(asrs) + 1), asrs).statistic if len(set(asrs)) > 1 else float("nan")
+    return {"spearman_window_vs_asr": finite_or_none(rho), "s1_minus_s5_asr": asrs[0] - asrs[-1]}
+
+
+def batch_for(rows: list[dict], batch: int) -> str:
+    """The fine-tune's batch-size override: `batch`, or the whole set when it is smaller (a tiny smoke-test window)."""
+    return f"data.batch_size={min(batch, len(rows))}"
+
+
+def main(argv=None) -> None:
+    from safetrade import sqsd
+    from safetrade.sqsd_job import pool_rows
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--aligned", required=True, help="aligned model (HF dir)")
+    p.add_argument("--aligned", required=True, help="aligned model (HF dir or registered name)")
     p.add_argument("--out", type=Path, required=True, help="output folder (sub-runs are cached there)")
     p.add_argument("--pool", default="capability", help="benign pool: built set, dataset or file")
-    p.add_argument("--pool-size", type=int, default=500, help="rows of the pool to rank")
-    p.add_argument("--methods", nargs="+", default=["sqsd", "random", "gradient"], help="scorers to compare")
-    p.add_argument("--adapter-steps", type=int, default=40, help="steps of the danger/safety adapters")
-    p.add_argument("--window-steps", type=int, default=20, help="fine-tuning steps per window")
-    p.add_argument("--n-eval", type=int, default=100, help="held-out harmful prompts per evaluation")
+    p.add_argument("--pool-size", type=int, default=250, help="rows of the pool to rank")
+    p.add_argument("--methods", nargs="+", default=["sqsd", "random", "gradient"], choices=METHODS,
+                   help="scorers to compare (gradient/representation: He et al. 2024; self_inf: Self-Inf-N)")
+    p.add_argument("--windows", type=int, default=5, help="equal windows over each ranking")
+    p.add_argument("--initial-steps", type=int, default=10, help="steps of the benign 'initial' adapter")
+    p.add_argument("--adapter-steps", type=int, default=15, help="steps of the danger/safety adapters")
+    p.add_argument("--window-mode", choices=("lora", "full"), default="lora",
+                   help="window fine-tunes: rank-8 LoRA on all projections (official) or full parameters")
+    p.add_argument("--window-steps", type=int, default=15, help="fine-tuning steps per window")
+    p.add_argument("--window-batch", type=int, default=8, help="batch of the window fine-tunes (at most the window)")
+    p.add_argument("--window-lr", type=float, default=None, help="default 2e-4 (lora) / 5e-5 (full)")
+    p.add_argument("--n-eval", type=int, default=64, help="held-out harmful prompts per evaluation")
     p.add_argument("--filter-k", type=int, default=0, help="filtering study: remove the top-k (0 skips)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per sample for scoring and fine-tuning")
+    p.add_argument("--score-batch", type=int, default=4, help="scoring batch (vmapped per-example gradients)")
     p.add_argument("--seed", type=int, default=0, help="pool subset and random-baseline seed")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     args = p.parse_args(argv)
+    if args.filter_k and "sqsd" not in args.methods:
+        p.error("--filter-k needs sqsd among --methods")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    model = [f"model.name={args.aligned}"]
+    started = time.perf_counter()
+    if not args.no_compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    model = [f"model.name={args.aligned}", f"data.max_len={args.max_len}"]
     lora = ["lora.enabled=true", LORA_ALL]
-    adapters = {
-        "initial": train("experiments/configs/benign.yaml", out / "adapters" / "initial", [*model, *lora, "steps=10"]),
-        "danger": train("experiments/configs/finetune.yaml", out / "adapters" / "danger",
-                        [*model, *lora, f"steps={args.adapter_steps}", "data.train=attack", "optim.lr=2e-4"]),
-        "safety": train("experiments/configs/finetune.yaml", out / "adapters" / "safety",
-                        [*model, *lora, f"steps={args.adapter_steps}", "data.train=proxy", "optim.lr=2e-4"]),
-    }
+    # No held-out loss evaluations inside the sub-runs: on a CPU they cost more than a short run's training.
+    quiet = ["data.eval_sets=[]", "eval_every=0", "save_every=0"]
+    adapters = {}
+    if "sqsd" in args.methods:
+        adapters = {
+            "initial": train("experiments/configs/benign.yaml", out / "adapters" / "initial",
+                             [*model, *lora, *quiet, f"steps={args.initial_steps}", "optim.lr=2e-4"]),
+            "danger": train("experiments/configs/finetune.yaml", out / "adapters" / "danger",
+                            [*model, *lora, *quiet, f"steps={args.adapter_steps}", "data.train=attack",
+                             "optim.lr=2e-4"]),
+            "safety": train("experiments/configs/finetune.yaml", out / "adapters" / "safety",
+                            [*model, *lora, *quiet, f"steps={args.adapter_steps}", "data.train=proxy",
+                             "optim.lr=2e-4"]),
+        }
+    # The window fine-tunes train on every row they are given and evaluate nothing themselves (the ASR evaluation
+    # follows): data.eval_rows=0 stops the engine from holding 20 % of a small window out.
+    lr = args.window_lr or (2e-4 if args.window_mode == "lora" else 5e-5)
+    finetune = [*model, *quiet, f"steps={args.window_steps}", f"optim.lr={lr}", "data.eval_rows=0",
+                *(lora if args.window_mode == "lora" else [])]
+
     rows = pool_rows(args.pool, args.pool_size, args.seed)
     result = {"args": {k: str(v) for k, v in vars(args).items()},
               "aligned": asr(args.aligned, out / "eval_aligned.json", args.n_eval), "methods": {}}
     for method in args.methods:
-        job = SQSDJob(model=args.aligned, method=method, pool=args.pool, n=args.pool_size, seed=args.seed,
-                      out=str(out / f"scores_{method}.jsonl"),
-                      **({k: str(v / "adapter") for k, v in adapters.items()} if method == "sqsd" else {}))
-        _, scores, windows = run_sqsd_job(job, rows=rows)
+        scores = score_pool(method, args, rows, adapters)
+        windows = sqsd.rank_windows(scores, n_windows=args.windows)
         per_window = []
         for w, members in enumerate(windows, start=1):
             data = write_rows([rows[i] for i in members], out / method / f"window{w}.jsonl")
             run = train("experiments/configs/benign.yaml", out / method / f"ft_window{w}",
-                        [*model, f"data.train={data}", f"steps={args.window_steps}", "data.eval_sets=[proxy]"])
-            per_window.append({"window": w, "size": len(members),
-                               "mean_score": float(np.nanmean(np.asarray(scores.score)[members])),
+                        [*finetune, f"data.train={data}", batch_for(members, args.window_batch)])
+            per_window.append({"window": w, "size": len(members), "mean_score": float(np.mean(scores[members])),
                                **asr(str(run / "hf"), out / method / f"eval_window{w}.json", args.n_eval)})
-        rho = spearmanr([r["window"] for r in per_window], [r["asr"] for r in per_window]).statistic
-        result["methods"][method] = {"windows": per_window, "spearman_window_vs_asr": float(rho),
-                                     "s1_minus_s5_asr": per_window[0]["asr"] - per_window[-1]["asr"]}
+        result["methods"][method] = {"windows": per_window, **window_trend(per_window),
+                                     "n_scored": int(np.isfinite(scores).sum())}
         if method == "sqsd" and args.filter_k:
-            order = np.argsort(-np.nan_to_num(np.asarray(scores.score), nan=-np.inf))
+            order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
             rng = np.random.default_rng(args.seed)
             keep = {"minus_top_sqsd": [rows[i] for i in sorted(order[args.filter_k:])],
                     "minus_random": [rows[i] for i in sorted(rng.permutation(len(rows))[args.filter_k:])]}
-            result["filtering"] = {}
+            result["filtering"] = {"k": args.filter_k, "pool": len(rows)}
             for name, kept in keep.items():
                 data = write_rows(kept, out / "filter" / f"{name}.jsonl")
                 run = train("experiments/configs/benign.yaml", out / "filter" / name,
-                            [*model, f"data.train={data}", f"steps={args.window_steps}", "data.eval_sets=[proxy]"])
+                            [*finetune, f"data.train={data}", batch_for(kept, args.window_batch)])
                 result["filtering"][name] = asr(str(run / "hf"), out / "filter" / f"eval_{name}.json", args.n_eval)
-        (out / "result.json").write_text(json.dumps(result, indent=1))
+        result["seconds"] = time.perf_counter() - started
+        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "windows.png")
-    print(json.dumps({m: {k: v for k, v in r.items() if k != "windows"} for m, r in result["methods"].items()},
-                     indent=1))
+    log(f"done in {time.perf_counter() - started:.0f}s; wrote {out / 'result.json'} and {out / 'windows.png'}")
+    print(json.dumps({"aligned_asr": result["aligned"]["asr"],
+                      **{m: {k: v for k, v in r.items() if k != "windows"} | {"asr": [w["asr"] for w in r["windows"]]}
+                         for m, r in result["methods"].items()},
+                      **({"filtering": result["filtering"]} if "filtering" in result else {})}, indent=1))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -124,15 +229,24 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    n_windows = 0
     for method, r in result["methods"].items():
-        ax.plot([w["window"] for w in r["windows"]], [w["asr"] for w in r["windows"]], "o-",
-                label=f"{method} (ρ = {r['spearman_window_vs_asr']:.2f})")
-    ax.axhline(result["aligned"]["asr"], color="k", ls=":", label="aligned")
+        xs = [w["window"] for w in r["windows"]]
+        n_windows = max(n_windows, len(xs))
+        rho = r["spearman_window_vs_asr"]
+        ax.plot(xs, [w["asr"] for w in r["windows"]], "o-",
+                label=f"{method} (ρ = {'n/a' if rho is None else f'{rho:.2f}'}, "
+                      f"S1−S{len(xs)} = {r['s1_minus_s5_asr']:+.2f})")
+    ax.axhline(result["aligned"]["asr"], color="k", ls=":", label="aligned, not fine-tuned")
+    if "filtering" in result:
+        f = result["filtering"]
+        ax.set_title(f"filtering k={f['k']}: ASR minus top-k SQSD {f['minus_top_sqsd']['asr']:.2f}, "
+                     f"minus k random {f['minus_random']['asr']:.2f}", fontsize=8)
     ax.set_xlabel("window (1 = highest predicted risk)")
-    ax.set_ylabel("ASR after fine-tuning on the window")
-    ax.set_xticks(range(1, 6))
-    ax.legend(fontsize=8)
+    ax.set_ylabel("keyword ASR after fine-tuning on the window")
+    ax.set_xticks(range(1, n_windows + 1))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
