@@ -339,6 +339,10 @@ def main(argv=None) -> int:
         print(f"goal: vmapped >= {GOAL:g}x the batch-1 loop at equal scores (|Δ| <= {EQUAL_TOL:g}): "
               f"{goal['ratio']:.2f}x, scores {'equal' if goal['scores_equal'] else 'NOT equal'} -> "
               f"{'MET' if goal['met'] else 'NOT MET'}")
+    if len(examples) % args.batch_size:
+        print(f"note: {len(examples)} samples is not a multiple of the batch {args.batch_size}: the vmapped path's "
+              f"last batch also computes {args.batch_size - len(examples) % args.batch_size} empty padding rows "
+              "(score_samples keeps one shape per bucket to avoid recompiling), which lowers its samples/s")
     if why_no_torch:
         print(f"torch numbers missing: {why_no_torch}")
     print(f"loadavg start {info['loadavg_start']} end {info['loadavg_end']}")

@@ -1,7 +1,10 @@
 """SQSD window experiment: rank a benign pool, fine-tune the aligned model on each window, measure ASR per window.
 
     python experiments/sqsd_windows.py --aligned runs/align/hf --out runs/sqsd_windows \
-        [--pool capability --pool-size 250 --methods sqsd random gradient --window-steps 15 --filter-k 50]
+        [--pool capability --pool-size 100 --methods sqsd random gradient --window-steps 8 --filter-k 20]
+
+The defaults (pool 100, 5 windows of 20, adapters of 10 steps, window fine-tunes of 8 LoRA steps of batch 8,
+50 evaluation prompts) are sized for ~40 minutes of an idle 2-core CPU (estimate in docs/sqsd.md).
 
 1. Directions: three LoRA adapters on the aligned model, all seven projections (the official setting), trained with
    the training engine: "initial" (--initial-steps on the benign pool's source), "danger" (harmful Q+A attack set),
@@ -136,18 +139,18 @@ def main(argv=None) -> None:
     p.add_argument("--aligned", required=True, help="aligned model (HF dir or registered name)")
     p.add_argument("--out", type=Path, required=True, help="output folder (sub-runs are cached there)")
     p.add_argument("--pool", default="capability", help="benign pool: built set, dataset or file")
-    p.add_argument("--pool-size", type=int, default=250, help="rows of the pool to rank")
+    p.add_argument("--pool-size", type=int, default=100, help="rows of the pool to rank")
     p.add_argument("--methods", nargs="+", default=["sqsd", "random", "gradient"], choices=METHODS,
                    help="scorers to compare (gradient/representation: He et al. 2024; self_inf: Self-Inf-N)")
     p.add_argument("--windows", type=int, default=5, help="equal windows over each ranking")
     p.add_argument("--initial-steps", type=int, default=10, help="steps of the benign 'initial' adapter")
-    p.add_argument("--adapter-steps", type=int, default=15, help="steps of the danger/safety adapters")
+    p.add_argument("--adapter-steps", type=int, default=10, help="steps of the danger/safety adapters")
     p.add_argument("--window-mode", choices=("lora", "full"), default="lora",
                    help="window fine-tunes: rank-8 LoRA on all projections (official) or full parameters")
-    p.add_argument("--window-steps", type=int, default=15, help="fine-tuning steps per window")
+    p.add_argument("--window-steps", type=int, default=8, help="fine-tuning steps per window")
     p.add_argument("--window-batch", type=int, default=8, help="batch of the window fine-tunes (at most the window)")
     p.add_argument("--window-lr", type=float, default=None, help="default 2e-4 (lora) / 5e-5 (full)")
-    p.add_argument("--n-eval", type=int, default=64, help="held-out harmful prompts per evaluation")
+    p.add_argument("--n-eval", type=int, default=50, help="held-out harmful prompts per evaluation")
     p.add_argument("--filter-k", type=int, default=0, help="filtering study: remove the top-k (0 skips)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per sample for scoring and fine-tuning")
     p.add_argument("--score-batch", type=int, default=4, help="scoring batch (vmapped per-example gradients)")
