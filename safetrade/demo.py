@@ -15,7 +15,7 @@ Stages, in order (each writes OUT/<stage>/ and, last, OUT/stages/<stage>.json):
   safety_dir    a short LoRA fine-tune on refusals: SQSD's safety direction
   sqsd          SQSD risk scores of the benign pool (initial = benign adapter, danger = attack adapter)
   eval_*        the evaluation suite on every model: keyword ASR, over-refusal, GSM8K-answer loss, margin
-  theory        Case II bound check on the case2 run (theory/): r, G_s, ‖∇L_s‖, L, β against the gap
+  theory        bound checks (theory/real.py): Case II on the case2 run (r, G_s, ‖∇L_s‖, L, β), Case I on case1
   summary       table (printed), summary.json, summary.png
 
 A stage whose record exists with the same settings (and the same upstream records) is skipped, so a re-run
@@ -44,12 +44,12 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class DemoJob:
     out_dir: str = "runs/demo"
     model: str = "smollm2-135m-instruct"
-    max_len: int = 160  # training and loss rows (GSM8K answers are cut; the refusal behaviour fits easily)
+    max_len: int = 128  # training and loss rows (GSM8K answers are cut; the refusal behaviour fits easily)
     batch_size: int = 8
-    align_steps: int = 120
+    align_steps: int = 100
     align_lr: float = 5e-4
     align_rank: int = 16
-    finetune_steps: int = 30
+    finetune_steps: int = 20
     finetune_lr: float = 3e-4
     finetune_rank: int = 8
     case1_lam: float = 1.0
@@ -57,9 +57,9 @@ class DemoJob:
     safedelta_s: float = 0.1
     n_calibration: int = 64
     sqsd_pool: int = 64
-    safety_dir_steps: int = 15
-    n_eval: int = 50  # held-out harmful prompts and held-out benign prompts per model
-    n_loss_rows: int = 50  # held-out GSM8K answers for the utility loss
+    safety_dir_steps: int = 10
+    n_eval: int = 40  # held-out harmful prompts and held-out benign prompts per model
+    n_loss_rows: int = 40  # held-out GSM8K answers for the utility loss
     max_new_tokens: int = 32
     theory_rows: int = 8
     theory_samples: int = 2
@@ -259,7 +259,7 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
 
     pipe.run("theory", {"rows": job.theory_rows, "samples": job.theory_samples,
                         "lanczos": job.theory_lanczos_steps, "max_len": job.max_len},
-             ("align", "case2"), lambda: _theory(job, out, aligned, paths["case2"]))
+             ("align", "benign", "case1", "case2"), lambda: _theory(job, out))
 
     summary = make_summary(job, pipe.results, evals)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -313,13 +313,15 @@ def _sqsd(job: DemoJob, out: Path, aligned: str) -> dict:
             "top_prompt": rows[top]["prompt"][:160] if top is not None else None}
 
 
-def _theory(job: DemoJob, out: Path, aligned: str, case2: str) -> dict:
-    from theory import real
+def _theory(job: DemoJob, out: Path) -> dict:
+    from theory.real import TheoryJob, run_theory_job
 
-    result = real.check_real_runs(real.RealRunsJob(
-        aligned=aligned, runs=(str(Path(case2).parent),), out_dir=str(out / "theory"), n_rows=job.theory_rows,
-        max_len=job.max_len, samples=job.theory_samples, lanczos_steps=job.theory_lanczos_steps, seed=job.seed))
-    return result
+    result = run_theory_job(TheoryJob(
+        aligned=str(out / "align" / "hf"), runs=tuple(str(out / name) for name in ("case2", "case1", "benign")),
+        out_dir=str(out / "theory"), n_rows=job.theory_rows, max_len=job.max_len, samples=job.theory_samples,
+        lanczos_steps=job.theory_lanczos_steps, seed=job.seed))
+    return {k: result[k] for k in ("checks", "violations", "summary", "aligned")} | {
+        "runs": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in result["runs"]]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
