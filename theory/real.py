@@ -399,7 +399,3 @@ def run_theory_job(job: TheoryJob) -> dict:
     case1_terms = add_case1_terms(base, records)
     return write_report(job, base, records, case1_terms, Path(job.out_dir))
 
-
-# Names under which other modules (safetrade/demo.py) call this job.
-RealRunsJob = TheoryJob
-check_real_runs = run_theory_job
