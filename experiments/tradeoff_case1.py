@@ -18,7 +18,6 @@ Trailing KEY=VALUE overrides go to every fine-tune; --theory KEY=VALUE (repeatab
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -40,18 +39,9 @@ def proxy_source(name: str, out: Path, align_config: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--aligned", required=True, help="the aligned model (HF dir written by `safetrade align`)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (runs and the theory report)")
+    p = tradeoff_runs.sweep_parser(__doc__.split("\n")[0])
     p.add_argument("--lams", type=float, nargs="+", default=list(DEFAULT_LAMS), help="penalty weights λ")
     p.add_argument("--proxies", nargs="+", default=list(DEFAULT_PROXIES), help="proxy safety sets (see above)")
-    p.add_argument("--config", default="experiments/configs/finetune.yaml", help="finetune job config")
-    p.add_argument("--align-config", default=None,
-                   help="the alignment run's job config (default: config.yaml beside --aligned)")
-    p.add_argument("--theory", action="append", default=[], metavar="KEY=VALUE",
-                   help="a TheoryJob override; repeat the flag for more (e.g. --theory samples=8)")
-    p.add_argument("--no-check", action="store_true", help="only launch the fine-tunes")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for every fine-tune, e.g. steps=40")
     args = p.parse_intermixed_args(argv)  # overrides may sit before or after options
     align_config = args.align_config or str(Path(args.aligned).parent / "config.yaml")
 

@@ -14,7 +14,6 @@ e.g. --theory samples=8 --theory lanczos_steps=12.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,17 +25,8 @@ DEFAULT_RADII = (0.5, 1.0, 2.0, 4.0)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--aligned", required=True, help="the aligned model (HF dir written by `safetrade align`)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (runs and the theory report)")
+    p = tradeoff_runs.sweep_parser(__doc__.split("\n")[0])
     p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII), help="ball radii r")
-    p.add_argument("--config", default="experiments/configs/finetune.yaml", help="finetune job config")
-    p.add_argument("--align-config", default=None,
-                   help="the alignment run's job config (default: config.yaml beside --aligned)")
-    p.add_argument("--theory", action="append", default=[], metavar="KEY=VALUE",
-                   help="a TheoryJob override; repeat the flag for more (e.g. --theory samples=8)")
-    p.add_argument("--no-check", action="store_true", help="only launch the fine-tunes")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for every fine-tune, e.g. steps=40")
     args = p.parse_intermixed_args(argv)  # overrides may sit before or after options
     align_config = args.align_config or str(Path(args.aligned).parent / "config.yaml")
 

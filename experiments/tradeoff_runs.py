@@ -8,11 +8,27 @@ on). Any of it can be overridden with trailing dotted overrides, e.g. `steps=100
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def sweep_parser(description: str) -> argparse.ArgumentParser:
+    """The options both sweeps share; each script adds its dial (--lams/--proxies or --radii)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--aligned", required=True, help="the aligned model (HF dir written by `safetrade align`)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (runs and the theory report)")
+    p.add_argument("--config", default="experiments/configs/finetune.yaml", help="finetune job config")
+    p.add_argument("--align-config", default=None,
+                   help="the alignment run's job config (default: config.yaml beside --aligned)")
+    p.add_argument("--theory", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TheoryJob override; repeat the flag for more (e.g. --theory samples=8)")
+    p.add_argument("--no-check", action="store_true", help="only launch the fine-tunes")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every fine-tune, e.g. steps=40")
+    return p
 
 SHORT_RUN = ("steps=20", "data.batch_size=8", "data.max_len=128", "data.eval_rows=16", "eval_every=0",
              "save_every=0", "log_every=5")
