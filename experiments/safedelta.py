@@ -9,7 +9,7 @@ aligned model, each fine-tune and each Safe Delta result with the evaluation sui
 prompts, over-refusal on held-out benign prompts, and utility = response loss on held-out GSM8K answers (lower is
 better; the benign fine-tune's "utility gain" is the aligned loss minus the fine-tuned loss). Ablations run at the
 first s only. Finished Safe Delta runs and evaluations in --out are reused, so a re-run with more s values (or
---mode paper, whose runs are labelled _paper) only does the new ones. Writes result.json and curve.png (ASR vs utility gain, one line per fine-tune over s) to --out.
+--mode paper, whose runs are labelled _paper) only does the new ones. Writes result.json and curve.png (ASR and share of the utility gain kept, over s) to --out.
 """
 
 from __future__ import annotations
@@ -29,31 +29,43 @@ def evaluate(model: str, out: Path, n: int, seed: int) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Left: ASR over s per fine-tune (log s), with the fine-tuned and aligned levels. Right: the share of each
+    fine-tune's utility gain (aligned GSM8K-answer loss − model's) that Safe Delta keeps, over s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     aligned = results["aligned"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.axhline(aligned["asr"], color="k", ls=":", lw=1, label="aligned")
     for k, (name, runs) in enumerate(results["finetunes"].items()):
         base = runs["finetuned"]
         sweep = sorted(runs["safedelta"], key=lambda r: r["s"])
-        gain = [aligned["gsm8k_loss"] - r["gsm8k_loss"] for r in sweep]
-        ax.plot(gain, [r["asr"] for r in sweep], "o-", color=f"C{k}", label=f"{name}: Safe Delta over s")
-        for r, g in zip(sweep, gain):
-            ax.annotate(f"s={r['s']}", (g, r["asr"]), fontsize=7)
-        ax.plot([aligned["gsm8k_loss"] - base["gsm8k_loss"]], [base["asr"]], "x", color=f"C{k}", ms=10,
-                label=f"{name}: fine-tuned")
+        s_values = [r["s"] for r in sweep]
+        ax.plot(s_values, [r["asr"] for r in sweep], "o-", color=f"C{k}", label=f"{name} + Safe Delta")
+        ax.axhline(base["asr"], color=f"C{k}", ls="--", lw=1, label=f"{name} fine-tune")
+        gain = aligned["gsm8k_loss"] - base["gsm8k_loss"]
+        if gain > 0:
+            kept = [100 * (aligned["gsm8k_loss"] - r["gsm8k_loss"]) / gain for r in sweep]
+            ax2.plot(s_values, kept, "o-", color=f"C{k}", label=f"{name} + Safe Delta")
         for r in runs["ablations"]:
-            ax.plot([aligned["gsm8k_loss"] - r["gsm8k_loss"]], [r["asr"]], "s", color=f"C{k}", mfc="none",
-                    label=f"{name}: {r['ablation']} (s={r['s']})")
-    ax.plot([0], [aligned["asr"]], "k*", ms=12, label="aligned")
-    ax.set_xlabel("utility gain: aligned GSM8K-eval loss − model's")
-    ax.set_ylabel("ASR on held-out harmful prompts (keyword)")
+            ax.plot([r["s"]], [r["asr"]], "s", color=f"C{k}", mfc="none", label=f"{name}: {r['ablation']}")
+            if gain > 0:
+                ax2.plot([r["s"]], [100 * (aligned["gsm8k_loss"] - r["gsm8k_loss"]) / gain], "s", color=f"C{k}",
+                         mfc="none", label=f"{name}: {r['ablation']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("Safe Delta budget scale s")
+    ax.set_ylabel("ASR, held-out harmful prompts (keyword)")
+    ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
+    ax2.axhline(90, color="gray", ls=":", lw=1, label="90 % target")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("Safe Delta budget scale s")
+    ax2.set_ylabel("% of the fine-tune's utility gain kept")
+    ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
