@@ -257,6 +257,9 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
         evals[model] = pipe.run(f"eval_{model}", dataclasses.asdict(ec), deps_of[model],
                                 lambda ec=ec, target=target: _headline(run_evaluation(ec, out=target)))
 
+    # The Lanczos basis alone is 8 parameter-sized vectors; drop what the earlier stages left compiled (and the
+    # constants their executables hold) first. Without this the first full run peaked at 18.6 GB and was killed.
+    _release_memory()
     pipe.run("theory", {"rows": job.theory_rows, "samples": job.theory_samples,
                         "lanczos": job.theory_lanczos_steps, "max_len": job.max_len},
              ("align", "benign", "case1", "case2"), lambda: _theory(job, out))
@@ -267,6 +270,15 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
     log(format_summary(summary))
     log(f"wrote {out / 'summary.json'} and {out / 'summary.png'}")
     return summary
+
+
+def _release_memory() -> None:
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
 
 
 def _safe_delta_summary(summary: dict) -> dict:
