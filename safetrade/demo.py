@@ -162,9 +162,10 @@ def _safedelta_job(job: DemoJob, name: str, finetuned: str):
 # Estimate
 
 
-# Seconds per unit on the 2-core CPU this was calibrated on (AMD EPYC, fp32, SmolLM2-135M); see docs/demo.md.
-_SECONDS = {"train_token": 1 / 450, "eval_prompt": 0.55, "loss_row": 0.08, "safedelta": 25.0,
-            "sqsd_sample": 0.6, "theory_hvp": 3.0, "fixed": 20.0}
+# Seconds per unit, fitted to the stage times of the first full run on a 2-core AMD EPYC CPU (fp32, SmolLM2-135M,
+# 2026-11-22; experiments/results/demo): LoRA training ~250 tokens/s, ~0.3 s per evaluated prompt at 32 new tokens.
+_SECONDS = {"train_token": 1 / 250, "eval_prompt": 0.3, "loss_row": 0.08, "safedelta": 25.0,
+            "sqsd_sample": 0.6, "theory_hvp": 9.5, "fixed": 20.0}
 
 
 def estimate_seconds(job: DemoJob) -> dict[str, float]:
