@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -65,6 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.forward import run_info, run_torch_script  # noqa: E402
+from bench.torch_sqsd import peak_rss_mib  # noqa: E402  (stdlib-only at import: no torch needed)
 from safetrade import hub, sqsd  # noqa: E402
 from safetrade.models import io, lora  # noqa: E402
 from safetrade.models.llama import LORA_TARGETS, LoraConfig  # noqa: E402
@@ -72,17 +72,6 @@ from safetrade.models.llama import LORA_TARGETS, LoraConfig  # noqa: E402
 GOAL = 10.0  # vmapped samples/s / batch-1 loop samples/s
 EQUAL_TOL = 1e-4  # |score difference| between the two safetrade paths (sums of ~200 fp32 cosines)
 ADAPTERS = ("initial", "danger", "safety")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM) in MiB; getrusage's ru_maxrss where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB, never reset
 
 
 def reset_peak_rss() -> bool:
