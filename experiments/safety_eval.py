@@ -34,18 +34,23 @@ def evaluate_model(model: str, n_harmful: int, n_benign: int, max_new_tokens: in
         model=model, harmful=("heldout",), n_harmful=n_harmful, benign="heldout", n_benign=n_benign,
         loss_sets=("gsm8k_eval",), loss_rows=n_benign, max_len=384, judges=("keyword",),
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-    record = None
+    record, loaded = None, None
     if out is not None and Path(out).exists():
         try:
             previous = json.loads(Path(out).read_text())
         except ValueError:  # a run killed while writing: evaluate again
             previous = {}
-        same_config = previous.get("config") == json.loads(json.dumps(dataclasses.asdict(config)))
-        if same_config and previous.get("model", {}).get("fingerprint") == params_fingerprint(io.load_model(model)[1]):
-            record = previous
-            print(f"{out}: reusing the evaluation of the same model and config", flush=True)
+        if previous.get("config") == json.loads(json.dumps(dataclasses.asdict(config))):
+            loaded = io.load_model(model)
+            if previous.get("model", {}).get("fingerprint") == params_fingerprint(loaded[1]):
+                record = previous
+                print(f"{out}: reusing the evaluation of the same model and config", flush=True)
     if record is None:
-        record = run_evaluation(config, out=out)
+        # The weights loaded for the fingerprint are the ones evaluated: no second load.
+        from safetrade.tokenizer import load_tokenizer
+
+        record = run_evaluation(config, out=out,
+                                model=None if loaded is None else (*loaded, load_tokenizer(model)))
     m = record["metrics"]
     return {
         "model": model,
