@@ -20,11 +20,12 @@ The defaults (pool 100, 5 windows of 20, adapters of 10 steps, window fine-tunes
 4. Filtering (--filter-k > 0, needs sqsd among the methods): fine-tune on the pool minus its top-k SQSD samples
    and minus k random samples, same steps; lower ASR for the SQSD-filtered pool = the filter helps.
 
-Writes result.json (rewritten after every method) and windows.png (ASR per window per method, ρ and S1 − S5 in the
-legend) to --out. Every sub-run is cached there and reused when its output exists: adapters and fine-tunes
-(summary.json), scorings (scores_<method>.jsonl: the windows are rebuilt from the stored scores, which the
-ranking is a pure function of), evaluations (eval_*.json). An interrupted study resumes where it stopped; delete
-a sub-run's folder or file to redo it. Settings are not part of the cache key: use a new --out for new settings.
+Writes result.json (rewritten after every method) and windows.png (ASR and refusal margin per window per method,
+ρ and S1 − S5 in the legends) to --out. Every sub-run is cached there and reused when its output exists: adapters
+and fine-tunes (summary.json), scorings (scores_<method>.jsonl: the windows are rebuilt from the stored scores,
+which the ranking is a pure function of), evaluations (eval_*.json). An interrupted study resumes where it
+stopped; delete a sub-run's folder or file to redo it. Settings are not part of the cache key: use a new --out
+for new settings.
 A persistent XLA compilation cache (--out/jax_cache) lets the many same-shaped fine-tunes and evaluations reuse
 compiled programs.
 """
@@ -118,12 +119,20 @@ def finite_or_none(x) -> float | None:
 
 
 def window_trend(per_window: list[dict]) -> dict:
-    """Spearman(window index, ASR) (None when ASR is constant) and S1 − S5 ASR."""
+    """Spearman(window index, ASR) (None when ASR is constant) and S1 − S5 ASR; the same for the refusal margin
+    (log-likelihood of refusing over complying, continuous, so it moves before a keyword ASR over a few dozen
+    prompts does; a *positive* Spearman there is the claim's direction: lower-risk windows stay safer)."""
     from scipy.stats import spearmanr
 
+    def trend(values: list[float]) -> float | None:
+        if len(set(values)) < 2:
+            return None
+        return finite_or_none(spearmanr(range(1, len(values) + 1), values).statistic)
+
     asrs = [w["asr"] for w in per_window]
-    rho = spearmanr(range(1, len(asrs) + 1), asrs).statistic if len(set(asrs)) > 1 else float("nan")
-    return {"spearman_window_vs_asr": finite_or_none(rho), "s1_minus_s5_asr": asrs[0] - asrs[-1]}
+    margins = [w["refusal_margin"] for w in per_window]
+    return {"spearman_window_vs_asr": trend(asrs), "s1_minus_s5_asr": asrs[0] - asrs[-1],
+            "spearman_window_vs_margin": trend(margins), "s1_minus_s5_margin": margins[0] - margins[-1]}
 
 
 def batch_for(rows: list[dict], batch: int) -> str:
@@ -227,29 +236,36 @@ def main(argv=None) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
+    """ASR (left) and refusal margin (right) per window and method; the aligned model as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     n_windows = 0
     for method, r in result["methods"].items():
         xs = [w["window"] for w in r["windows"]]
         n_windows = max(n_windows, len(xs))
-        rho = r["spearman_window_vs_asr"]
-        ax.plot(xs, [w["asr"] for w in r["windows"]], "o-",
-                label=f"{method} (ρ = {'n/a' if rho is None else f'{rho:.2f}'}, "
-                      f"S1−S{len(xs)} = {r['s1_minus_s5_asr']:+.2f})")
-    ax.axhline(result["aligned"]["asr"], color="k", ls=":", label="aligned, not fine-tuned")
+        for ax, key, rho, diff in ((axes[0], "asr", r["spearman_window_vs_asr"], r["s1_minus_s5_asr"]),
+                                   (axes[1], "refusal_margin", r.get("spearman_window_vs_margin"),
+                                    r.get("s1_minus_s5_margin"))):
+            label = f"{method} (ρ = {'n/a' if rho is None else f'{rho:.2f}'}"
+            label += ")" if diff is None else f", S1−S{len(xs)} = {diff:+.2f})"
+            ax.plot(xs, [w[key] for w in r["windows"]], "o-", label=label)
+    for ax, key, ylabel in ((axes[0], "asr", "keyword ASR after fine-tuning on the window"),
+                            (axes[1], "refusal_margin", "refusal margin (higher = safer)")):
+        ax.axhline(result["aligned"][key], color="k", ls=":", label="aligned, not fine-tuned")
+        ax.set_xlabel("window (1 = highest predicted risk)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(1, n_windows + 1))
+        ax.legend(fontsize=7)
     if "filtering" in result:
         f = result["filtering"]
-        ax.set_title(f"filtering k={f['k']}: ASR minus top-k SQSD {f['minus_top_sqsd']['asr']:.2f}, "
-                     f"minus k random {f['minus_random']['asr']:.2f}", fontsize=8)
-    ax.set_xlabel("window (1 = highest predicted risk)")
-    ax.set_ylabel("keyword ASR after fine-tuning on the window")
-    ax.set_xticks(range(1, n_windows + 1))
-    ax.legend(fontsize=7)
+        fig.suptitle(f"filtering k={f['k']} of {f['pool']}: ASR / margin minus top-k SQSD "
+                     f"{f['minus_top_sqsd']['asr']:.2f} / {f['minus_top_sqsd']['refusal_margin']:.2f}, "
+                     f"minus k random {f['minus_random']['asr']:.2f} / {f['minus_random']['refusal_margin']:.2f}",
+                     fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -382,3 +382,30 @@ def test_more_bad_input_cut_rows_non_finite_updates_and_foreign_directions(model
     # Scoring params without adapters at a direction's module (e.g. base weights passed by mistake).
     with pytest.raises(sqsd.DirectionsMismatch, match="no lora_a/lora_b at 'blocks/attn/k_proj'"):
         sqsd.DirectionProbe(lora_cfg, lora.split(params)[0], probe.directions).check()
+
+
+def _sqsd_windows_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "sqsd_windows.py"
+    spec = importlib.util.spec_from_file_location("sqsd_windows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_window_trend_reports_rank_correlations_and_s1_minus_s5():
+    trend = _sqsd_windows_script().window_trend
+    windows = [{"asr": a, "refusal_margin": m} for a, m in
+               ((0.30, 0.1), (0.20, 0.5), (0.25, 0.4), (0.10, 0.9), (0.05, 1.2))]
+    out = trend(windows)
+    # ASR ranks 5,3,4,2,1 against windows 1..5: Spearman = 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*38/120 = -0.9;
+    # margin ranks 1,3,2,4,5: 1 - 6*2/120 = 0.9
+    assert out["spearman_window_vs_asr"] == pytest.approx(-0.9)
+    assert out["spearman_window_vs_margin"] == pytest.approx(0.9)
+    assert out["s1_minus_s5_asr"] == pytest.approx(0.25)
+    assert out["s1_minus_s5_margin"] == pytest.approx(-1.1)
+    # a constant column has no rank correlation: None, not NaN and not 0
+    flat = trend([{"asr": 0.1, "refusal_margin": float(i)} for i in range(5)])
+    assert flat["spearman_window_vs_asr"] is None and flat["spearman_window_vs_margin"] == pytest.approx(1.0)
