@@ -135,6 +135,25 @@ def window_trend(per_window: list[dict]) -> dict:
             "spearman_window_vs_margin": trend(margins), "s1_minus_s5_margin": margins[0] - margins[-1]}
 
 
+def prompt_margins(eval_path: Path) -> dict[str, float]:
+    """Per-prompt refusal margins of one evaluation JSON, by prompt id."""
+    samples = json.loads(eval_path.read_text())["samples"]["harmful:heldout"]
+    return {s["id"]: float(s["refusal_margin"]) for s in samples}
+
+
+def paired_margin_difference(a: Path, b: Path, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean over the shared prompts of margin(a) − margin(b), with a 95 % paired-bootstrap interval over prompts.
+
+    Both fine-tunes are evaluated on the same prompts, so pairing removes the prompts' own spread. The interval
+    covers evaluation noise only: each fine-tune is one run (one seed), so training noise is not in it."""
+    ma, mb = prompt_margins(a), prompt_margins(b)
+    ids = sorted(set(ma) & set(mb))
+    diff = np.array([ma[i] - mb[i] for i in ids])
+    boot = np.random.default_rng(seed).choice(diff, size=(n_boot, len(diff))).mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci95": [float(low), float(high)], "n_prompts": len(ids)}
+
+
 def batch_for(rows: list[dict], batch: int) -> str:
     """The fine-tune's batch-size override: `batch`, or the whole set when it is smaller (a tiny smoke-test window)."""
     return f"data.batch_size={min(batch, len(rows))}"
@@ -212,8 +231,10 @@ def main(argv=None) -> None:
                         [*finetune, f"data.train={data}", batch_for(members, args.window_batch)])
             per_window.append({"window": w, "size": len(members), "mean_score": float(np.mean(scores[members])),
                                **asr(str(run / "hf"), out / method / f"eval_window{w}.json", args.n_eval)})
-        result["methods"][method] = {"windows": per_window, **window_trend(per_window),
-                                     "n_scored": int(np.isfinite(scores).sum())}
+        result["methods"][method] = {
+            "windows": per_window, **window_trend(per_window), "n_scored": int(np.isfinite(scores).sum()),
+            "s1_minus_s5_margin_paired": paired_margin_difference(out / method / "eval_window1.json",
+                                                                  out / method / f"eval_window{args.windows}.json")}
         if method == "sqsd" and args.filter_k:
             order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
             rng = np.random.default_rng(args.seed)
@@ -225,6 +246,9 @@ def main(argv=None) -> None:
                 run = train("experiments/configs/benign.yaml", out / "filter" / name,
                             [*finetune, f"data.train={data}", batch_for(kept, args.window_batch)])
                 result["filtering"][name] = asr(str(run / "hf"), out / "filter" / f"eval_{name}.json", args.n_eval)
+            # > 0: the SQSD-filtered fine-tune refuses more confidently than the randomly filtered one
+            result["filtering"]["margin_difference_paired"] = paired_margin_difference(
+                out / "filter" / "eval_minus_top_sqsd.json", out / "filter" / "eval_minus_random.json")
         result["seconds_this_invocation"] = time.perf_counter() - started  # cached sub-runs cost ~0
         (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "windows.png")

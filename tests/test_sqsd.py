@@ -409,3 +409,25 @@ def test_window_trend_reports_rank_correlations_and_s1_minus_s5():
     # a constant column has no rank correlation: None, not NaN and not 0
     flat = trend([{"asr": 0.1, "refusal_margin": float(i)} for i in range(5)])
     assert flat["spearman_window_vs_asr"] is None and flat["spearman_window_vs_margin"] == pytest.approx(1.0)
+
+
+def test_paired_margin_difference_pairs_prompts_by_id(tmp_path):
+    paired = _sqsd_windows_script().paired_margin_difference
+
+    def write(name, margins):
+        samples = [{"id": i, "refusal_margin": m} for i, m in margins.items()]
+        path = tmp_path / name
+        path.write_text(json.dumps({"samples": {"harmful:heldout": samples}}))
+        return path
+
+    # b lists the prompts in another order and has one extra prompt; only the shared ids are paired
+    a = write("a.json", {"p1": 1.0, "p2": 2.0, "p3": 0.5})
+    b = write("b.json", {"p3": 0.0, "p9": 100.0, "p1": 0.5, "p2": 1.5})
+    out = paired(a, b)
+    assert out["n_prompts"] == 3
+    assert out["mean"] == pytest.approx(0.5)
+    # every paired difference is 0.5, so every bootstrap mean is too
+    assert out["ci95"] == pytest.approx([0.5, 0.5])
+    spread = paired(write("c.json", {"p1": 2.0, "p2": 0.0, "p3": 1.0}), write("d.json", {"p1": 0, "p2": 0, "p3": 0}))
+    assert spread["mean"] == pytest.approx(1.0)
+    assert 0.0 <= spread["ci95"][0] < 1.0 < spread["ci95"][1] <= 2.0
