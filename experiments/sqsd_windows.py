@@ -20,12 +20,12 @@ The defaults (pool 100, 5 windows of 20, adapters of 10 steps, window fine-tunes
 4. Filtering (--filter-k > 0, needs sqsd among the methods): fine-tune on the pool minus its top-k SQSD samples
    and minus k random samples, same steps; lower ASR for the SQSD-filtered pool = the filter helps.
 
-Writes result.json (rewritten after every method) and windows.png (ASR and refusal margin per window per method,
-ρ and S1 − S5 in the legends) to --out. Every sub-run is cached there and reused when its output exists: adapters
-and fine-tunes (summary.json), scorings (scores_<method>.jsonl: the windows are rebuilt from the stored scores,
-which the ranking is a pure function of), evaluations (eval_*.json). An interrupted study resumes where it
-stopped; delete a sub-run's folder or file to redo it. Settings are not part of the cache key: use a new --out
-for new settings.
+Writes result.json (rewritten after every method), table.md and windows.png (ASR and refusal margin per window
+per method, ρ and S1 − S5 in the legends) to --out. Every sub-run is cached there and reused when its output
+exists: adapters and fine-tunes (summary.json), scorings (scores_<method>.jsonl: the windows are rebuilt from the
+stored scores, which the ranking is a pure function of), evaluations (eval_*.json). An interrupted study resumes
+where it stopped; delete a sub-run's folder or file to redo it. Settings are not part of the cache key: use a new
+--out for new settings.
 A persistent XLA compilation cache (--out/jax_cache) lets the many same-shaped fine-tunes and evaluations reuse
 compiled programs.
 """
@@ -252,11 +252,47 @@ def main(argv=None) -> None:
         result["seconds_this_invocation"] = time.perf_counter() - started  # cached sub-runs cost ~0
         (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "windows.png")
-    log(f"done in {time.perf_counter() - started:.0f}s; wrote {out / 'result.json'} and {out / 'windows.png'}")
+    (out / "table.md").write_text(markdown_table(result))
+    log(f"done in {time.perf_counter() - started:.0f}s; wrote result.json, windows.png and table.md to {out}")
     print(json.dumps({"aligned_asr": result["aligned"]["asr"],
                       **{m: {k: v for k, v in r.items() if k != "windows"} | {"asr": [w["asr"] for w in r["windows"]]}
                          for m, r in result["methods"].items()},
                       **({"filtering": result["filtering"]} if "filtering" in result else {})}, indent=1))
+
+
+def markdown_table(result: dict) -> str:
+    """The study as Markdown: per method ASR / refusal margin per window, the trends, and the filtering rows."""
+    def pct(x: float) -> str:
+        return f"{100 * x:.0f} %"
+
+    def interval(d: dict) -> str:
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+    methods = result["methods"]
+    n = max(len(r["windows"]) for r in methods.values())
+    aligned = result["aligned"]
+    lines = [f"aligned, not fine-tuned: ASR {pct(aligned['asr'])}, refusal margin {aligned['refusal_margin']:+.2f}", "",
+             "| method | " + " | ".join(f"S{w}" for w in range(1, n + 1))
+             + " | ρ(window, ASR) | S1−S5 ASR | ρ(window, margin) | S1−S5 margin [95 % CI over prompts] |",
+             "|---|" + "---:|" * (n + 4)]
+    for method, r in methods.items():
+        cells = [f"{pct(w['asr'])} / {w['refusal_margin']:+.2f}" for w in r["windows"]]
+        rho_a, rho_m = r["spearman_window_vs_asr"], r.get("spearman_window_vs_margin")
+        paired = r.get("s1_minus_s5_margin_paired")
+        lines.append(f"| {method} | " + " | ".join(cells)
+                     + f" | {'n/a' if rho_a is None else f'{rho_a:+.2f}'} | {100 * r['s1_minus_s5_asr']:+.0f} pts"
+                     + f" | {'n/a' if rho_m is None else f'{rho_m:+.2f}'}"
+                     + f" | {interval(paired) if paired else 'n/a'} |")
+    if "filtering" in result:
+        f = result["filtering"]
+        lines += ["", f"filtering (k = {f['k']} of {f['pool']}):", "",
+                  "| fine-tuned on | ASR | refusal margin |", "|---|---:|---:|"]
+        for name, label in (("minus_top_sqsd", "pool minus its top-k SQSD"), ("minus_random", "pool minus k random")):
+            lines.append(f"| {label} | {pct(f[name]['asr'])} | {f[name]['refusal_margin']:+.2f} |")
+        if "margin_difference_paired" in f:
+            lines += ["", "margin(minus top-k SQSD) − margin(minus k random): "
+                      + interval(f["margin_difference_paired"])]
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:

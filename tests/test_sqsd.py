@@ -431,3 +431,19 @@ def test_paired_margin_difference_pairs_prompts_by_id(tmp_path):
     spread = paired(write("c.json", {"p1": 2.0, "p2": 0.0, "p3": 1.0}), write("d.json", {"p1": 0, "p2": 0, "p3": 0}))
     assert spread["mean"] == pytest.approx(1.0)
     assert 0.0 <= spread["ci95"][0] < 1.0 < spread["ci95"][1] <= 2.0
+
+
+def test_window_table_lists_every_method_window_and_the_filtering_rows():
+    table = _sqsd_windows_script().markdown_table
+    window = {"asr": 0.1, "refusal_margin": 0.5}
+    paired = {"mean": -0.8, "ci95": [-0.9, -0.7], "n_prompts": 50}
+    method = {"windows": [window] * 3, "spearman_window_vs_asr": None, "s1_minus_s5_asr": 0.0,
+              "spearman_window_vs_margin": 0.5, "s1_minus_s5_margin": 0.0, "s1_minus_s5_margin_paired": paired}
+    result = {"aligned": {"asr": 0.08, "refusal_margin": 1.2}, "methods": {"sqsd": method, "random": method},
+              "filtering": {"k": 2, "pool": 10, "minus_top_sqsd": window, "minus_random": window,
+                            "margin_difference_paired": paired}}
+    text = table(result)
+    assert "| S1 | S2 | S3 |" in text and "S4" not in text
+    assert "| sqsd | 10 % / +0.50 |" in text and "| random |" in text
+    assert "| n/a | +0 pts | +0.50 | -0.80 [-0.90, -0.70] |" in text  # constant ASR: no rank correlation
+    assert "filtering (k = 2 of 10)" in text and "pool minus its top-k SQSD | 10 %" in text
