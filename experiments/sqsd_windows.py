@@ -183,6 +183,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-len", type=int, default=256, help="tokens per sample for scoring and fine-tuning")
     p.add_argument("--score-batch", type=int, default=4, help="scoring batch (vmapped per-example gradients)")
     p.add_argument("--seed", type=int, default=0, help="pool subset and random-baseline seed")
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="seed of the window / filtering fine-tunes (LoRA init, batch order): repeat a study with "
+                        "another value, same scores, to see run-to-run noise")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     args = p.parse_args(argv)
     if args.filter_k and "sqsd" not in args.methods:
@@ -216,6 +219,7 @@ def main(argv=None) -> None:
     # follows): data.eval_rows=0 stops the engine from holding 20 % of a small window out.
     lr = args.window_lr or (2e-4 if args.window_mode == "lora" else 5e-5)
     finetune = [*model, *quiet, f"steps={args.window_steps}", f"optim.lr={lr}", "data.eval_rows=0",
+                f"seed={args.train_seed}", f"data.seed={args.train_seed}",
                 *(lora if args.window_mode == "lora" else [])]
 
     rows = pool_rows(args.pool, args.pool_size, args.seed)
