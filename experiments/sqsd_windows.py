@@ -281,21 +281,18 @@ def markdown_table(result: dict) -> str:
              "|---|" + "---:|" * (n + 4)]
     for method, r in methods.items():
         cells = [f"{pct(w['asr'])} / {w['refusal_margin']:+.2f}" for w in r["windows"]]
-        rho_a, rho_m = r["spearman_window_vs_asr"], r.get("spearman_window_vs_margin")
-        paired = r.get("s1_minus_s5_margin_paired")
+        rho_a, rho_m = r["spearman_window_vs_asr"], r["spearman_window_vs_margin"]
         lines.append(f"| {method} | " + " | ".join(cells)
                      + f" | {'n/a' if rho_a is None else f'{rho_a:+.2f}'} | {100 * r['s1_minus_s5_asr']:+.0f} pts"
                      + f" | {'n/a' if rho_m is None else f'{rho_m:+.2f}'}"
-                     + f" | {interval(paired) if paired else 'n/a'} |")
+                     + f" | {interval(r['s1_minus_s5_margin_paired'])} |")
     if "filtering" in result:
         f = result["filtering"]
         lines += ["", f"filtering (k = {f['k']} of {f['pool']}):", "",
                   "| fine-tuned on | ASR | refusal margin |", "|---|---:|---:|"]
         for name, label in (("minus_top_sqsd", "pool minus its top-k SQSD"), ("minus_random", "pool minus k random")):
             lines.append(f"| {label} | {pct(f[name]['asr'])} | {f[name]['refusal_margin']:+.2f} |")
-        if "margin_difference_paired" in f:
-            lines += ["", "margin(minus top-k SQSD) − margin(minus k random): "
-                      + interval(f["margin_difference_paired"])]
+        lines += ["", "margin(minus top-k SQSD) − margin(minus k random): " + interval(f["margin_difference_paired"])]
     return "\n".join(lines) + "\n"
 
 
@@ -311,12 +308,11 @@ def plot(result: dict, path: Path) -> None:
     for method, r in result["methods"].items():
         xs = [w["window"] for w in r["windows"]]
         n_windows = max(n_windows, len(xs))
-        for ax, key, rho, diff in ((axes[0], "asr", r["spearman_window_vs_asr"], r["s1_minus_s5_asr"]),
-                                   (axes[1], "refusal_margin", r.get("spearman_window_vs_margin"),
-                                    r.get("s1_minus_s5_margin"))):
-            label = f"{method} (ρ = {'n/a' if rho is None else f'{rho:.2f}'}"
-            label += ")" if diff is None else f", S1−S{len(xs)} = {diff:+.2f})"
-            ax.plot(xs, [w[key] for w in r["windows"]], "o-", label=label)
+        for ax, key, trend in ((axes[0], "asr", "asr"), (axes[1], "refusal_margin", "margin")):
+            rho = r[f"spearman_window_vs_{trend}"]
+            ax.plot(xs, [w[key] for w in r["windows"]], "o-",
+                    label=f"{method} (ρ = {'n/a' if rho is None else f'{rho:.2f}'}, "
+                          f"S1−S{len(xs)} = {r[f's1_minus_s5_{trend}']:+.2f})")
     for ax, key, ylabel in ((axes[0], "asr", "keyword ASR after fine-tuning on the window"),
                             (axes[1], "refusal_margin", "refusal margin (higher = safer)")):
         ax.axhline(result["aligned"][key], color="k", ls=":", label="aligned, not fine-tuned")
