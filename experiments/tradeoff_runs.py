@@ -43,7 +43,7 @@ def write_pyrit_refusal_proxy(path: Path, align_data) -> Path:
     """JSONL of pyrit's refusal-labelled (prompt, reply) rows whose prompt is not in the alignment set (the same
     disjointness the default proxy set keeps). Rewritten only when missing, so re-runs see the same rows."""
     from safetrade.data import load_dataset, normalise_prompt
-    from safetrade.train.jobs import rows_for
+    from safetrade.data.sets import rows_for
 
     if path.exists():
         return path

@@ -47,7 +47,7 @@ class SafeDeltaJob:
 def calibration_rows(name: str, n: int, seed: int) -> list[dict]:
     from safetrade.config import DataSection
     from safetrade.data import take
-    from safetrade.train.jobs import rows_for
+    from safetrade.data.sets import rows_for
 
     if name == "alignment_refusals":
         rows = [r for r in rows_for("alignment", DataSection(seed=seed)) if r.get("role") == "refusal"]

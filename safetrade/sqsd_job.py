@@ -41,7 +41,7 @@ class SQSDJob:
 def pool_rows(pool: str, n: int | None, seed: int) -> list[dict]:
     from safetrade.config import DataSection
     from safetrade.data import take
-    from safetrade.train.jobs import rows_for
+    from safetrade.data.sets import rows_for
 
     rows = [r for r in rows_for(pool, DataSection(seed=seed)) if r.get("response")]
     return take(rows, n, seed) if n else rows
@@ -52,7 +52,7 @@ def anchor_sets(tokenizer, seed: int, max_len: int):
     from safetrade.config import DataSection
     from safetrade.data import encode_rows, take
     from safetrade.data.alignment import with_refusals
-    from safetrade.train.jobs import rows_for
+    from safetrade.data.sets import rows_for
 
     harmful = take(rows_for("attack", DataSection(seed=seed)), 10, seed)
     encode = functools.partial(encode_rows, tokenizer, max_len=max_len, policy="truncate")

@@ -165,7 +165,7 @@ class HeldOutLosses:
         key = self._key(name, data)
         if key not in self._entries:
             from safetrade.data import encode_rows, make_batch
-            from safetrade.train.jobs import held_out, rows_for
+            from safetrade.data.sets import held_out, rows_for
             from safetrade.train.losses import lm_loss
 
             # The rows `held_out` sets aside for this data section are exactly the rows the run never trained on;

@@ -8,6 +8,7 @@
   batching.py    bucketed right-padded batches, seeded epoch shuffles, host_slice for multi-host
   refusals.py    project-written refusal templates
   alignment.py   alignment / proxy / capability / attack / eval sets with disjointness guarantees
+  sets.py        rows by name for every job (built sets, registry, files) and the stable held-out cut
 """
 
 from safetrade.data.alignment import (
@@ -26,9 +27,11 @@ from safetrade.data.formatting import DataReport, DataWarning, encode_example, e
 from safetrade.data.readers import read_rows
 from safetrade.data.registry import REGISTRY, dataset_names, load_dataset
 from safetrade.data.rows import DataError, normalise_prompt
+from safetrade.data.sets import BUILT_SETS, held_out, rows_for
 from safetrade.data.splits import split, stable_order, take
 
 __all__ = [
+    "BUILT_SETS",
     "REGISTRY",
     "DataError",
     "DataReport",
@@ -47,6 +50,7 @@ __all__ = [
     "epoch_batches",
     "eval_benign_prompts",
     "eval_harmful_prompts",
+    "held_out",
     "host_slice",
     "iterate_batches",
     "load_dataset",
@@ -54,6 +58,7 @@ __all__ = [
     "normalise_prompt",
     "num_batches",
     "read_rows",
+    "rows_for",
     "split",
     "stable_order",
     "take",

@@ -124,7 +124,7 @@ def loss_rows(name: str, n: int, seed: int) -> list[dict]:
     from safetrade.config import DataSection
     from safetrade.data import take
     from safetrade.data.alignment import gsm8k_rows
-    from safetrade.train.jobs import rows_for
+    from safetrade.data.sets import rows_for
 
     source = gsm8k_rows("eval") if name == "gsm8k_eval" else rows_for(name, DataSection(seed=seed))
     rows = [r for r in source if r.get("response")]

@@ -13,22 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import jax
 import optax
 
 from safetrade import config as config_lib, parallel
+from safetrade.data.sets import held_out, rows_for
 from safetrade.errors import SafetradeError
 from safetrade.models import io, llama
 from safetrade.train import loop, step as step_lib
 from safetrade.train.losses import lm_loss_sum
 
 log = logging.getLogger(__name__)
-
-BUILT_SETS = ("alignment", "proxy", "capability", "attack")
-
 
 def make_optimizer(opt: config_lib.OptimSection, steps: int) -> optax.GradientTransformation:
     if opt.schedule == "constant":
@@ -52,33 +49,6 @@ def make_optimizer(opt: config_lib.OptimSection, steps: int) -> optax.GradientTr
     else:
         raise SafetradeError(f"optim.name {opt.name!r}; choose adamw, adam or sgd")
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), core) if opt.clip_norm > 0 else core
-
-
-@lru_cache(maxsize=4)
-def _safety_data(seed: int, n_attack: int, benign_ratio: float, rephrased: float, benign_rephrased: float):
-    from safetrade.data import build_safety_data
-
-    return build_safety_data(seed, benign_ratio=benign_ratio, n_attack=n_attack, rephrased=rephrased,
-                             benign_rephrased=benign_rephrased)
-
-
-def rows_for(name: str, data: config_lib.DataSection):
-    """Rows of a built set (alignment | proxy | capability | attack), a registry name, or a local file."""
-    if name in BUILT_SETS:
-        return list(getattr(_safety_data(data.seed, data.n_attack, data.benign_ratio, data.rephrased,
-                                         data.benign_rephrased), name))
-    from safetrade.data import load_dataset
-
-    return load_dataset(name)
-
-
-def held_out(rows, n: int, seed: int):
-    """(train rows, n held-out rows): a stable hashed cut, so the same rows are held out on every run."""
-    from safetrade.data import stable_order
-
-    ordered = stable_order(rows, seed=f"heldout-{seed}")
-    n = min(n, len(ordered) // 5)
-    return ordered[n:], ordered[:n]
 
 
 class Batches:
