@@ -44,8 +44,8 @@ import re
 from dataclasses import dataclass, field
 
 from safetrade.data.refusals import refusal_for
-from safetrade.data.registry import HARMBENCH_CONTEXT_SEPARATOR as _CONTEXT_SEPARATOR
-from safetrade.data.registry import load_dataset
+from safetrade.data.registry import HARMBENCH_CONTEXT_SEPARATOR as _CONTEXT_SEPARATOR, load_dataset
+from safetrade.data.rephrase import as_request, rephrase
 from safetrade.data.rows import DataError, Row, normalise_prompt
 from safetrade.data.splits import split, stable_order, take, unit_hash
 
@@ -191,8 +191,6 @@ def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
     harmful = take(advbench_part("align"), n_harmful, seed)
     rows = with_refusals(harmful, seed, "advbench")
     if rephrased:
-        from safetrade.data.rephrase import rephrase
-
         chosen = take(harmful, round(rephrased * len(harmful)), f"rephrase-{seed}")
         variants = [{**row, "id": row["id"] + "-q", "prompt": rephrase(row["prompt"], row["id"], seed)}
                     for row in chosen]
@@ -205,8 +203,6 @@ def build_alignment_set(seed: int = 0, benign_ratio: float = 1.0,
         chosen = take(pools[source], n, seed)
         rows += _tag(chosen, "benign", source)
         if benign_rephrased:
-            from safetrade.data.rephrase import as_request
-
             again = take(chosen, round(benign_rephrased * len(chosen)), f"rephrase-benign-{seed}")
             rows += _tag([{**row, "id": row["id"] + "-q", "prompt": as_request(row["prompt"], row["id"], seed)}
                           for row in again], "benign", f"{source}-rephrased")

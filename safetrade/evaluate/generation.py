@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from safetrade.generate import generate, SamplingConfig
+
 
 @dataclasses.dataclass
 class Replies:
@@ -37,8 +39,7 @@ class Replies:
 def chat_replies(cfg, params, tokenizer, prompts: Sequence[str], sampling=None, *, batch_size: int = 16,
                  system: str | None = None, progress: bool = True, desc: str = "generate") -> Replies:
     """Chat replies for `prompts` (greedy unless `sampling` says otherwise; see module doc)."""
-    from safetrade.generate import SamplingConfig, generate
-    from safetrade.tokenizer import encode_chat, stop_token_ids
+    from safetrade.tokenizer import encode_chat, stop_token_ids  # transformers: 1.6 s at import, only when used
 
     base = sampling or SamplingConfig(max_new_tokens=48)
     if not base.stop_token_ids:

@@ -28,6 +28,10 @@ from typing import Protocol
 
 import numpy as np
 
+from safetrade.data import load_dataset
+from safetrade.data.alignment import gsm8k_rows, sharegpt_rows
+from safetrade.data.refusals import refusal_for
+from safetrade.data.splits import take
 from safetrade.errors import EvaluationError
 from safetrade.evaluate.refusal import is_refusal
 
@@ -89,10 +93,6 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 3
 def classifier_training_rows(n_per_class: int = 600) -> tuple[list[str], np.ndarray]:
     """(texts, labels 1 = refusal): pyrit's human-labelled refusal/compliance replies, the project's refusal
     templates, and benign answers from the alignment parts of GSM8K and ShareGPT. None of it is in the check set."""
-    from safetrade.data import load_dataset
-    from safetrade.data.alignment import gsm8k_rows, sharegpt_rows
-    from safetrade.data.refusals import refusal_for
-    from safetrade.data.splits import take
 
     texts, labels = [], []
     for name in ("pyrit_refusal", "pyrit_refusal_extra"):

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from safetrade.data.batching import bucket_for, bucket_lengths, make_batch
 from safetrade.errors import EvaluationError
+from safetrade.train.losses import token_nll
 
 REFUSAL_CONTINUATION = "I'm sorry, but I can't help with that."
 COMPLIANCE_CONTINUATION = "Sure, here is"
@@ -28,7 +30,7 @@ COMPLIANCE_CONTINUATION = "Sure, here is"
 def continuation_examples(tokenizer, prompts: Sequence[str], continuation: str, system: str | None = None):
     """{"input_ids", "loss_mask"} per prompt: chat prompt + `continuation` tokens (no end-of-turn), loss on the
     continuation only."""
-    from safetrade.tokenizer import encode_chat
+    from safetrade.tokenizer import encode_chat  # transformers: 1.6 s at import, only when used
 
     cont = tokenizer.encode(continuation, add_special_tokens=False)
     if not cont:
@@ -45,8 +47,6 @@ def continuation_examples(tokenizer, prompts: Sequence[str], continuation: str, 
 def continuation_logprobs(cfg, params, tokenizer, prompts: Sequence[str], continuation: str, *,
                           batch_size: int = 16, system: str | None = None) -> np.ndarray:
     """log P(continuation | prompt) per prompt [N] (sum over the continuation's tokens)."""
-    from safetrade.data.batching import bucket_for, bucket_lengths, make_batch
-    from safetrade.train.losses import token_nll
 
     examples = continuation_examples(tokenizer, prompts, continuation, system)
     longest = max(len(e["input_ids"]) for e in examples)

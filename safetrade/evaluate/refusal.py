@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from safetrade.errors import EvaluationError
+from safetrade.evaluate.generation import chat_replies
+from safetrade.generate import SamplingConfig
 
 REFUSAL_MARKERS = (
     "i'm sorry", "i am sorry", "i apologize", "i apologise", "sorry, but", "my apologies",
@@ -39,8 +41,6 @@ def generate_replies(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_
                      batch_size: int = 16, system: str | None = None, progress: bool = True,
                      desc: str = "generate") -> list[str]:
     """Greedy chat replies for `prompts`, batched (see `generation.chat_replies`); over-long prompts raise."""
-    from safetrade.evaluate.generation import chat_replies
-    from safetrade.generate import SamplingConfig
 
     out = chat_replies(cfg, params, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens),
                        batch_size=batch_size, system=system, progress=progress, desc=desc)

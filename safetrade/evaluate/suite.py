@@ -34,9 +34,20 @@ import os
 import platform
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from safetrade.config import DataSection
+from safetrade.data import load_dataset, take
+from safetrade.data.alignment import eval_benign_prompts, eval_harmful_prompts, gsm8k_rows
+from safetrade.data.sets import rows_for
 from safetrade.errors import EvaluationError
+from safetrade.evaluate.generation import chat_replies
+from safetrade.evaluate.judges import load_judge, run_judge
+from safetrade.evaluate.margin import refusal_margin
+from safetrade.evaluate.utility import dataset_loss, gsm8k_accuracy
+from safetrade.generate import SamplingConfig
+from safetrade.models import io
 
 CHECKSET = Path(__file__).with_name("judge_checkset.jsonl")
 
@@ -69,7 +80,6 @@ class EvalConfig:
 
 def params_fingerprint(params) -> str:
     """sha256 over every leaf's dtype, shape and bytes, in tree order (16 hex digits)."""
-    import jax
 
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -91,18 +101,12 @@ def rows_fingerprint(rows) -> str:
 
 
 def harmful_rows(name: str, n: int | None, seed: int) -> list[dict]:
-    from safetrade.data import load_dataset, take
-    from safetrade.data.alignment import eval_harmful_prompts
-
     rows = eval_harmful_prompts() if name == "heldout" else load_dataset(name)
     rows = [r for r in rows if r.get("prompt")]
     return take(rows, None if n is None else min(n, len(rows)), seed)
 
 
 def benign_rows(name: str, n: int | None, seed: int) -> list[dict]:
-    from safetrade.data import load_dataset, take
-    from safetrade.data.alignment import eval_benign_prompts
-
     rows = eval_benign_prompts(seed=seed) if name == "heldout" else load_dataset(name)
     rows = [r for r in rows if r.get("prompt")]
     return take(rows, None if n is None else min(n, len(rows)), seed)
@@ -110,8 +114,6 @@ def benign_rows(name: str, n: int | None, seed: int) -> list[dict]:
 
 def gsm8k_subset(n: int) -> list[dict]:
     """The first n rows (fixed order, seed 0) of the held-out GSM8K part: the same questions on every run."""
-    from safetrade.data import take
-    from safetrade.data.alignment import gsm8k_rows
 
     rows = gsm8k_rows("eval")
     if n > len(rows):
@@ -121,10 +123,6 @@ def gsm8k_subset(n: int) -> list[dict]:
 
 def loss_rows(name: str, n: int, seed: int) -> list[dict]:
     """Rows with responses: "gsm8k_eval" (held-out GSM8K worked answers), a built set, or a dataset/file."""
-    from safetrade.config import DataSection
-    from safetrade.data import take
-    from safetrade.data.alignment import gsm8k_rows
-    from safetrade.data.sets import rows_for
 
     source = gsm8k_rows("eval") if name == "gsm8k_eval" else rows_for(name, DataSection(seed=seed))
     rows = [r for r in source if r.get("response")]
@@ -152,7 +150,6 @@ def load_checkset(path: str | os.PathLike = CHECKSET) -> list[dict]:
 
 def judge_accuracy(judge, rows: list[dict] | None = None) -> dict:
     """Accuracy of `judge` on the hand-labelled check set, with the ids it gets wrong."""
-    from safetrade.evaluate.judges import run_judge
 
     rows = rows if rows is not None else load_checkset()
     verdicts = run_judge(judge, [r["prompt"] for r in rows], [r["reply"] for r in rows])
@@ -167,7 +164,6 @@ def _category_labels(category: str | None) -> set[str]:
 
 def _judged_rates(judges, prompts, replies, errors, categories) -> tuple[dict, list[dict]]:
     """Per judge: refusal rate and ASR over the generated replies, per-category ASR; and per-sample verdicts."""
-    from safetrade.evaluate.judges import run_judge
 
     done = [i for i in range(len(prompts)) if i not in errors]
     out, per_sample = {}, [{} for _ in prompts]
@@ -197,18 +193,12 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
     """Evaluate `config.model` (or an already loaded `model=(cfg, params, tokenizer)`); write JSON to `out`."""
     import time
 
-    from safetrade.evaluate.generation import chat_replies
-    from safetrade.evaluate.judges import load_judge
-    from safetrade.evaluate.margin import refusal_margin
-    from safetrade.evaluate.utility import dataset_loss, gsm8k_accuracy
-    from safetrade.generate import SamplingConfig
 
     if not config.judges:
         raise EvaluationError("at least one judge is needed (e.g. judges=('keyword',))")
     judges = [load_judge(j) for j in config.judges]
     if model is None:
-        from safetrade.models import io
-        from safetrade.tokenizer import load_tokenizer
+        from safetrade.tokenizer import load_tokenizer  # transformers: 1.6 s at import, only when used
 
         cfg, params = io.load_model(config.model)
         tokenizer = load_tokenizer(config.model)

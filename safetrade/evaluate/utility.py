@@ -14,7 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from safetrade.data.batching import bucket_for, bucket_lengths, make_batch
+from safetrade.data.formatting import encode_rows
 from safetrade.errors import EvaluationError
+from safetrade.evaluate.generation import chat_replies
+from safetrade.generate import SamplingConfig
+from safetrade.train.jobs import mean_loss
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _MARKERS = (re.compile(r"####\s*(.*)"), re.compile(r"[Tt]he answer is[:\s]*(.*)"))
@@ -49,8 +54,6 @@ def gsm8k_accuracy(cfg, params, tokenizer, rows: Sequence[dict], *, max_new_toke
                    sampling=None, progress: bool = True) -> dict:
     """Accuracy of generated answers against each row's reference ("response": a worked answer ending in
     "#### N" or "The answer is N."). Per-sample records keep the reply and both extracted answers."""
-    from safetrade.evaluate.generation import chat_replies
-    from safetrade.generate import SamplingConfig
 
     if not rows:
         raise EvaluationError("GSM8K accuracy of an empty question set")
@@ -75,9 +78,6 @@ def gsm8k_accuracy(cfg, params, tokenizer, rows: Sequence[dict], *, max_new_toke
 def dataset_loss(cfg, params, tokenizer, rows: Sequence[dict], *, max_len: int = 512, batch_size: int = 8,
                  policy: str = "skip", name: str = "rows") -> dict:
     """Response-only token-mean NLL and perplexity of `rows`; rows dropped by `policy` are counted and named."""
-    from safetrade.data.batching import bucket_for, bucket_lengths, make_batch
-    from safetrade.data.formatting import encode_rows
-    from safetrade.train.jobs import mean_loss
 
     if not rows:
         raise EvaluationError(f"loss of an empty row set ({name})")

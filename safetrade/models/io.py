@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from safetrade import parallel
+from safetrade import hub, parallel
 from safetrade.errors import MissingPathError, SafetradeError
 from safetrade.models import llama
 from safetrade.models.llama import LlamaConfig, Params
@@ -264,7 +264,7 @@ def load_gguf(path: str | os.PathLike, *, mesh: Mesh | None = None, undo_rope_pe
 
     `undo_rope_permutation=False` exists only to demonstrate, in a test, that skipping it breaks the model.
     """
-    from safetrade.models.gguf_meta import read_gguf
+    from safetrade.models.gguf_meta import read_gguf  # imports gguf, absent where only HF safetensors are used
 
     path = Path(path)
     reader, meta = read_gguf(path)
@@ -281,7 +281,6 @@ def load_gguf(path: str | os.PathLike, *, mesh: Mesh | None = None, undo_rope_pe
 
 def load_model(source: str | os.PathLike, *, mesh: Mesh | None = None, **config_overrides) -> tuple[LlamaConfig, Params]:
     """A model name, GGUF file or HF directory -> (config, params)."""
-    from safetrade import hub
 
     path = hub.resolve_model(str(source))
     if path.is_dir():
