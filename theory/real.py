@@ -48,7 +48,13 @@ from pathlib import Path
 
 import jax
 
+from safetrade import config
+from safetrade.data import encode_rows, make_batch
+from safetrade.data.sets import held_out, rows_for
 from safetrade.errors import SafetradeError
+from safetrade.models import io, llama
+from safetrade.train.losses import lm_loss
+from theory import bounds, check, landscape
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,6 @@ def _differences(a, b) -> str:
 
 def read_runs(run_dirs, aligned_cfg, aligned: str) -> list[RunSpec]:
     """Validate every run dir before any model is loaded: hf/config.json, config.yaml, same architecture."""
-    from safetrade import config
-    from safetrade.models import llama
 
     if not run_dirs:
         raise SafetradeError("runs is empty: give the fine-tune output dirs, e.g. runs=[runs/case2/r1,runs/case2/r2]")
@@ -138,7 +142,6 @@ def proxy_label(proxy: str) -> str:
 
 def _align_data(job: TheoryJob):
     """The alignment run's data section: it defines which rows are the original safety data and which were held out."""
-    from safetrade import config
 
     path = Path(job.align_config) if job.align_config else Path(job.aligned).parent / "config.yaml"
     if not path.exists():
@@ -164,10 +167,6 @@ class HeldOutLosses:
     def _entry(self, name: str, data):
         key = self._key(name, data)
         if key not in self._entries:
-            from safetrade.data import encode_rows, make_batch
-            from safetrade.data.sets import held_out, rows_for
-            from safetrade.train.losses import lm_loss
-
             # The rows `held_out` sets aside for this data section are exactly the rows the run never trained on;
             # more than data.eval_rows would reach into its training rows.
             _, rows = held_out(rows_for(name, data), data.eval_rows, seed=data.seed)
@@ -197,7 +196,6 @@ class HeldOutLosses:
 
 def measure_runs(job: TheoryJob, cfg, aligned, tokenizer, specs: list[RunSpec]) -> tuple[dict, list[dict]]:
     """(losses of the aligned model, one record per run) with every measured and estimated quantity."""
-    from theory import landscape
 
     align_data = _align_data(job)
     losses = HeldOutLosses(cfg, tokenizer, job.n_rows, job.max_len)
@@ -207,8 +205,6 @@ def measure_runs(job: TheoryJob, cfg, aligned, tokenizer, specs: list[RunSpec]) 
     case2_constants = None
     records = []
     for k, spec in enumerate(specs):
-        from safetrade.models import io
-
         started = time.perf_counter()
         data, strategy = spec.train_job.data, spec.train_job.strategy
         _, params = io.load_hf(spec.path / "hf")
@@ -262,7 +258,6 @@ def add_case1_terms(base: dict, records: list[dict]) -> dict:
 
     Returns the per-fine-tuning-set min L_f estimates and per-proxy δ values, for the record.
     """
-    from theory import bounds
 
     by_train: dict[str, list[dict]] = {}
     for r in records:
@@ -351,8 +346,6 @@ def plot_case1_trends(records: list[dict], path) -> None:
 
 def write_report(job: TheoryJob, base: dict, records: list[dict], case1_terms: dict, out_dir: Path) -> dict:
     """result.json, bounds.md, bounds.png (+ case1_trends.png); returns the result dict."""
-    from safetrade import config
-    from theory import check
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checked = [r for r in records if r["strategy"] in ("case1", "case2")]
@@ -382,8 +375,7 @@ def write_report(job: TheoryJob, base: dict, records: list[dict], case1_terms: d
 
 def run_theory_job(job: TheoryJob) -> dict:
     """Validate the inputs, measure every run, check the bounds, write the report; returns result.json's dict."""
-    from safetrade.models import io, llama
-    from safetrade.tokenizer import load_tokenizer
+    from safetrade.tokenizer import load_tokenizer  # transformers: 1.6 s at import, only when used
 
     aligned_dir = Path(job.aligned)
     if not (aligned_dir / "config.json").exists():
