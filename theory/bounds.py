@@ -1,7 +1,7 @@
 """The project's bounds on the safety and capability gaps, in the framework of Chen, Shen, Das & Chen (2025),
 "Fundamental Safety-Capability Trade-offs in Fine-tuning LLMs".
 
-The paper's full text was not available (shared/research/tradeoff.md §0). Every statement here is **the project's
+The paper's full text was not available (only its abstract and secondary summaries; theory/README.md). Every statement here is **the project's
 statement in the paper's framework**, derived by us with its proof in the docstring, and none of them should be
 cited as the paper's theorem. Each function returns a frozen dataclass holding the bound and every ingredient, so
 a report can show what a bound is made of.
@@ -10,7 +10,7 @@ Two kinds of gap are used, and they are not the same thing:
 - Parameter space (Case II, and the Case I penalty bound): G_s(θ) := L_s(θ) − L_s(θ_s), the rise of the original
   alignment loss over the aligned model's; this is what the experiments measure. It equals the framework's
   L_s(θ) − min L_s when θ_s minimises L_s, and is smaller than it by the constant L_s(θ_s) − min L_s otherwise.
-- Distribution space (tradeoff.md §3.2, assumption A0: the model class holds every conditional):
+- Distribution space (our reconstruction, assumption A0: the model class holds every conditional):
   G_s(P) = E_{x∼p_s} KL(π_s(·|x) ‖ P(·|x)) = L_s(P) − min L_s, and G_f(P) likewise with (p_f, π_f).
 
 Arrays in the distribution-space functions: context masses p[x] of shape [C] (a probability vector, zeros allowed)
@@ -189,7 +189,7 @@ def case1_capability_bound(lam: float, proxy_loss_at_capability_optimum: float,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distribution space (tradeoff.md §3.2, assumption A0)
+# Distribution space (our reconstruction, assumption A0)
 # ---------------------------------------------------------------------------------------------------------------
 
 

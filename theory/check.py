@@ -149,7 +149,7 @@ def summary(checks: Sequence[BoundCheck]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Case I trends: the qualitative claims (tradeoff.md §3.1, items 1 and 4), read off measured runs
+# Case I trends: the qualitative claims C1 and C4 (theory/README.md), read off measured runs
 # ---------------------------------------------------------------------------------------------------------------
 
 def _monotone_breaks(xs: Sequence[float], ys: Sequence[float], increasing: bool, tolerance: float) -> list:
