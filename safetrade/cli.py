@@ -101,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Safety Hessians from the aligned model on calibration rows (cached by model + data "
                     "fingerprint), the Safe Delta transform of every q/k/v/o/gate/up/down kernel, an HF dir and a "
                     "report (per-layer kept fraction, safety cost spent vs budget, time per stage, PNG). Settings "
-                    "are KEY=VALUE fields of safetrade.safedelta_job.SafeDeltaJob, e.g. aligned=runs/align/hf "
-                    "finetuned=runs/attack/hf out_dir=runs/safedelta s=0.1 mode=official ablation=no_compensation. "
+                    "are KEY=VALUE fields of safetrade.safedelta.job.SafeDeltaJob, e.g. aligned=runs/align/hf "
+                    "finetuned=runs/attack/hf out_dir=runs/safedelta n_calibration=64, and of its nested "
+                    "SafeDeltaConfig, as safedelta.KEY=VALUE or bare KEY=VALUE: s=0.1 mode=official "
+                    "ablation=no_compensation damp=0.05 block_size=512 exclude_frac=0.1 lazy_group=8 layer_batch=2. "
                     "`finetuned` may be a PEFT adapter dir trained on the aligned model (merged first).")
-    sd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SafeDeltaJob fields, e.g. s=0.05")
-    sd.add_argument("--config", type=Path, default=None, help="YAML file of SafeDeltaJob fields")
+    sd.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="SafeDeltaJob fields and SafeDeltaConfig knobs, e.g. s=0.05 safedelta.damp=0.05")
+    sd.add_argument("--config", type=Path, default=None,
+                    help="YAML file of SafeDeltaJob fields (method knobs under a `safedelta:` section)")
     sd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     th = sub.add_parser(
@@ -123,29 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     sq = sub.add_parser(
         "sqsd", help="score a benign pool for safety-degradation risk (SQSD or a baseline); JSONL + windows",
         description="Per-sample risk scores of a benign training pool. SQSD needs three PEFT adapters on the same "
-                    "base model (written by `safetrade finetune lora.enabled=true`, OUT_DIR/adapter): --initial "
-                    "(briefly fine-tuned on benign data), --danger (fine-tuned on harmful compliance) and --safety "
-                    "(fine-tuned on refusals). Baselines: random, representation and gradient (He et al. 2024, "
-                    "anchored on the harmful Q+A attack set and refusals), self_inf (Self-Inf-N). Writes one JSON "
-                    "line per sample (text, score, components, rank, window, flags) and prints window sizes.")
-    sq.add_argument("--model", default=DEFAULT_MODEL, help="base model the adapters were trained on")
-    sq.add_argument("--method", default="sqsd", choices=("sqsd", "random", "representation", "gradient", "self_inf"),
-                    help="scorer (default: sqsd)")
-    sq.add_argument("--initial", type=Path, help="PEFT adapter dir of the benign 'initial' state (sqsd)")
-    sq.add_argument("--danger", type=Path, help="PEFT adapter dir of the danger direction (sqsd)")
-    sq.add_argument("--safety", type=Path, help="PEFT adapter dir of the safety direction (sqsd)")
-    sq.add_argument("--safety-scale", type=float, default=1.0, help="LoRA scaling override of the safety adapter")
-    sq.add_argument("--metric", choices=["cosine", "projection"], default="cosine",
-                    help="per-module alignment: cosine (official) or projection <dW, D>/|D| (default: cosine)")
-    sq.add_argument("--pool", default="capability",
-                    help="rows to score: a built set (capability, alignment, ...), a dataset name or a file")
-    sq.add_argument("--n", type=int, default=None, help="score only this many rows of the pool (seeded subset)")
-    sq.add_argument("--max-len", type=int, default=1024, help="longer samples are cut and flagged truncated")
-    sq.add_argument("--batch-size", type=int, default=8, help="samples per vmapped gradient batch (default: 8)")
-    sq.add_argument("--windows", type=int, default=5, help="equal windows over the ranking (default: 5)")
-    sq.add_argument("--seed", type=int, default=0, help="seed of the pool subset and of the random baseline")
-    sq.add_argument("--out", type=Path, default=Path("runs/sqsd/scores.jsonl"),
-                    help="JSONL to write (default: runs/sqsd/scores.jsonl)")
+                    "base model (written by `safetrade finetune lora.enabled=true`, OUT_DIR/adapter): initial= "
+                    "(briefly fine-tuned on benign data), danger= (fine-tuned on harmful compliance) and safety= "
+                    "(fine-tuned on refusals). Baselines (method=): random, representation and gradient (He et al. "
+                    "2024, anchored on the harmful Q+A attack set and refusals), self_inf (Self-Inf-N). Writes one "
+                    "JSON line per sample (text, score, components, rank, window, flags) and prints window sizes. "
+                    "Settings are KEY=VALUE fields of safetrade.sqsd.job.SQSDJob, the scorer's under sqsd., e.g. "
+                    "model=runs/align/hf initial=A danger=D safety=S pool=capability n=200 sqsd.metric=projection "
+                    "sqsd.batch_size=4 sqsd.max_len=512 out=runs/sqsd/scores.jsonl.")
+    sq.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SQSDJob fields, e.g. method=random n=20")
+    sq.add_argument("--config", type=Path, default=None, help="YAML file of SQSDJob fields")
+    sq.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     demo = sub.add_parser(
         "demo", help="the main job: align, attack, fine-tune, Case I/II, Safe Delta, SQSD, bounds (cached stages)",
@@ -291,8 +283,9 @@ def cmd_evaluate(args) -> int:
 
 def cmd_safedelta(args) -> int:
     from safetrade import config
-    from safetrade.safedelta_job import SafeDeltaJob, run_safe_delta_job
+    from safetrade.safedelta.job import SafeDeltaJob, nest_method_overrides, run_safe_delta_job
 
+    args.overrides = nest_method_overrides(args.overrides)
     job = _resolved_config(SafeDeltaJob, args)
     if job is None:
         return 0
@@ -321,16 +314,17 @@ def cmd_theory(args) -> int:
 
 
 def cmd_sqsd(args) -> int:
-    from safetrade.sqsd_job import SQSDJob, run_sqsd_job
+    from safetrade import config
+    from safetrade.sqsd.job import SQSDJob, run_sqsd_job
 
-    job = SQSDJob(model=args.model, method=args.method, safety_scale=args.safety_scale, metric=args.metric,
-                  pool=args.pool, n=args.n, max_len=args.max_len, batch_size=args.batch_size, windows=args.windows,
-                  seed=args.seed, out=str(args.out),
-                  **{n: None if getattr(args, n) is None else str(getattr(args, n))
-                     for n in ("initial", "danger", "safety")})
+    job = _resolved_config(SQSDJob, args)
+    if job is None:
+        return 0
+    if job.out:
+        config.save(job, Path(job.out).with_suffix(".config.yaml"))
     _, scores, windows = run_sqsd_job(job)
     print(scores.summary())
-    print(f"{len(windows)} windows of {len(windows[0])} samples; wrote {args.out}")
+    print(f"{len(windows)} windows of {len(windows[0])} samples" + (f"; wrote {job.out}" if job.out else ""))
     return 0
 
 

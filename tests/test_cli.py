@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from safetrade import cli
 from safetrade.models import io
@@ -43,12 +44,30 @@ def test_generate_and_convert_on_the_embedded_model(tmp_path, capsys, smollm2_gg
 @pytest.mark.slow
 def test_sqsd_command_scores_a_pool_and_names_missing_adapters(tmp_path, capsys, smollm2_gguf):
     out = tmp_path / "scores.jsonl"
-    assert cli.main(["sqsd", "--method", "random", "--pool", "capability", "--n", "20", "--out", str(out)]) == 0
+    assert cli.main(["sqsd", "method=random", "pool=capability", "n=20", f"out={out}"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 20 and sorted(r["rank"] for r in rows) == list(range(1, 21))
     assert {r["window"] for r in rows} == {1, 2, 3, 4, 5}
-    assert cli.main(["sqsd", "--pool", "capability", "--n", "4", "--out", str(out)]) == 2
-    assert "sqsd needs --initial, --danger, --safety" in capsys.readouterr().err
+    assert cli.main(["sqsd", "pool=capability", "n=4", f"out={out}"]) == 2
+    assert "sqsd needs initial=DIR, danger=DIR, safety=DIR" in capsys.readouterr().err
+
+
+def test_sqsd_settings_go_through_the_config_path(tmp_path, capsys):
+    """--config, dotted overrides of the nested scorer config and --print-config, as the other subcommands;
+    a bad key or value is a clean error naming it (no model is loaded for any of these)."""
+    settings = tmp_path / "sqsd.yaml"
+    settings.write_text("method: gradient\nsqsd:\n  batch_size: 2\n")
+    assert cli.main(["sqsd", "--config", str(settings), "sqsd.metric=projection", "sqsd.max_len=64", "n=5",
+                     "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"] == "gradient" and printed["n"] == 5
+    assert printed["sqsd"] == {"metric": "projection", "batch_size": 2, "max_len": 64}
+    assert cli.main(["sqsd", "sqsd.metrc=cosine", "--print-config"]) == 2
+    assert "unknown key(s) metrc" in capsys.readouterr().err
+    assert cli.main(["sqsd", "sqsd.metric=dot", "--print-config"]) == 2
+    assert "unknown metric 'dot'" in capsys.readouterr().err
+    assert cli.main(["sqsd", "method=best", "--print-config"]) == 2
+    assert "unknown method 'best'" in capsys.readouterr().err
 
 
 def test_evaluate_compare_of_a_missing_file_is_a_clean_error(tmp_path, capsys):

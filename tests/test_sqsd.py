@@ -27,6 +27,15 @@ BATCH = 4
 N_TERMS = len(LORA_TARGETS) * CFG.num_layers  # (module, layer) pairs summed in P
 
 
+def scoring(**overrides) -> sqsd.SQSDConfig:
+    return sqsd.SQSDConfig(**{"batch_size": BATCH, "max_len": MAX_LEN, **overrides})
+
+
+def stacked(per_module: dict) -> np.ndarray:
+    """module_metric's {module: [S, L]} as [S, M, L], modules in sorted key order."""
+    return np.stack([per_module[k] for k in sorted(per_module)], axis=1)
+
+
 def make_examples(n: int, seed: int = 0) -> list[dict]:
     """Random token rows of 10..28 tokens: a 3..7-token 'prompt' (mask 0) and a 'response' (mask 1)."""
     rng = np.random.default_rng(seed)
@@ -92,7 +101,8 @@ def grads(model, examples):
     """Per-example adapter gradients of the first BATCH examples, padded to MAX_LEN."""
     lora_cfg, params, _ = model
     batch = make_batch(examples[:BATCH], MAX_LEN)
-    losses, g = sqsd.per_example_grads(lora_cfg, params, batch, wrt="adapters")
+    losses, g = sqsd.per_example_grads(sqsd.LlamaLoss(lora_cfg), params, batch,
+                                       wrt=sqsd.select_paths(params, sqsd.is_adapter_leaf))
     return batch, np.asarray(losses), {k: np.asarray(v, np.float64) for k, v in g.items()}
 
 
@@ -142,15 +152,16 @@ def test_rank_space_cosines_equal_materialised_matrices(model, grads):
     _, _, g = grads
     updates = induced_updates(params, g, lr=0.5)
     rng = np.random.default_rng(5)
-    factored = sqsd.Directions.from_adapters(lora_cfg, danger)
+    factored = sqsd.directions_from_adapters(lora_cfg, danger)
     dense = sqsd.Directions({k: sqsd.DenseDirection(jnp.asarray(rng.normal(size=v.shape), jnp.float32))
                              for k, v in factored.modules.items()})
     g_jax = {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}
+    sites = tuple(sorted(sqsd.llama_lora_sites(lora_cfg).items()))
     for directions in (factored, dense):
-        terms = jax.device_get(sqsd.alignment_terms(params, g_jax, directions, 0.5, space="lora"))
+        terms = jax.device_get(sqsd.alignment_terms(params, g_jax, directions, 0.5, sites=sites))
         materialised = {k: np.asarray(v.dense()) for k, v in directions.modules.items()}
         for metric in sqsd.METRICS:
-            got = sqsd.module_metric(terms, metric)
+            got = stacked(sqsd.module_metric(terms, metric))
             want = reference_metric(updates, materialised, metric)
             assert got.shape == (BATCH, len(LORA_TARGETS), CFG.num_layers)
             # cosines are O(1): absolute 1e-5; projections scale with ‖δW‖, so relative to their largest value
@@ -162,18 +173,19 @@ def test_rank_space_cosines_equal_materialised_matrices(model, grads):
 def test_full_space_cosines_use_kernel_gradients(model, examples):
     lora_cfg, params, danger = model
     base = lora.split(params)[0]
-    directions = sqsd.Directions.from_adapters(lora_cfg, danger).dense()
+    directions = sqsd.directions_from_adapters(lora_cfg, danger).dense()
     batch = make_batch(examples[:BATCH], MAX_LEN)
-    _, g = sqsd.per_example_grads(CFG, base, batch, wrt=tuple(directions.keys))
-    terms = jax.device_get(sqsd.alignment_terms(base, g, directions, 1.0, space="full"))
+    sites = tuple(sorted(sqsd.kernel_sites(directions.keys).items()))
+    _, g = sqsd.per_example_grads(sqsd.LlamaLoss(CFG), base, batch, wrt=tuple(s.path for _, s in sites))
+    terms = jax.device_get(sqsd.alignment_terms(base, g, directions, 1.0, sites=sites))
     updates = {k.removesuffix("/kernel"): -np.asarray(v, np.float64) for k, v in g.items()}
     dense = {k: np.asarray(v.matrix) for k, v in directions.modules.items()}
     want = reference_metric(updates, dense, "cosine")
-    error = np.abs(sqsd.module_metric(terms, "cosine") - want).max()
+    error = np.abs(stacked(sqsd.module_metric(terms, "cosine")) - want).max()
     assert error <= 1e-5, error
-    # end to end through score_samples, from the factored danger adapter (made dense inside)
-    probe = sqsd.DirectionProbe(CFG, base, sqsd.Directions.from_adapters(lora_cfg, danger), space="full")
-    scores = sqsd.score_samples(examples[:BATCH], probe, batch_size=BATCH, max_len=MAX_LEN)
+    # end to end through score_probes, from the factored danger adapter (made dense inside)
+    probe = sqsd.llama_probe(CFG, base, sqsd.directions_from_adapters(lora_cfg, danger), space="full")
+    scores = sqsd.score_probes(examples[:BATCH], probe, cfg=scoring())
     np.testing.assert_allclose(scores.p_danger, want.sum(axis=(1, 2)), rtol=0, atol=1e-5)
 
 
@@ -195,8 +207,8 @@ def test_sample_aligned_with_danger_direction_ranks_first(model, examples, grads
     lora_cfg, params, danger = model
     _, _, g = grads
     row = 2
-    probe = sqsd.DirectionProbe(lora_cfg, params, aligned_direction(params, g, row))
-    scores = sqsd.score_samples(examples, probe, metric="cosine", batch_size=BATCH, max_len=MAX_LEN)
+    probe = sqsd.llama_probe(lora_cfg, params, aligned_direction(params, g, row))
+    scores = sqsd.score_probes(examples, probe, cfg=scoring(metric="cosine"))
     # cos(δW, δW) = 1 in every (module, layer): P_danger = number of terms, the maximum possible
     assert abs(scores.p_danger[row] - N_TERMS) <= 1e-4, scores.p_danger[row]
     assert np.argmax(scores.score) == row
@@ -208,16 +220,16 @@ def test_sample_aligned_with_danger_direction_ranks_first(model, examples, grads
     # with its scaling overridden to 1 (the fixture's scale is already 1, so nothing recompiles).
     assert sqsd.with_lora_scale(lora_cfg, 0.8).lora.scale == pytest.approx(0.8)
     safe_params = lora.combine(lora.split(params)[0], danger)
-    danger_probe, safety_probe = sqsd.sqsd_probes(initial=(lora_cfg, params), danger=(lora_cfg, danger),
-                                                  safety=(lora_cfg, safe_params), safety_scale=1.0)
-    assert safety_probe.cfg.lora.scale == 1.0 and safety_probe.params is safe_params
-    both = sqsd.score_samples(examples, danger_probe, safety_probe, batch_size=BATCH, max_len=MAX_LEN)
-    danger_only = sqsd.score_samples(examples, danger_probe, batch_size=BATCH, max_len=MAX_LEN)
+    danger_probe, safety_probe = sqsd.llama_probes(initial=(lora_cfg, params), danger=(lora_cfg, danger),
+                                                   safety=(lora_cfg, safe_params), safety_scale=1.0)
+    assert safety_probe.loss_fn.cfg.lora.scale == 1.0 and safety_probe.params is safe_params
+    both = sqsd.score_probes(examples, danger_probe, safety_probe, scoring())
+    danger_only = sqsd.score_probes(examples, danger_probe, cfg=scoring())
     np.testing.assert_allclose(both.p_danger, danger_only.score, rtol=0, atol=1e-12)
     np.testing.assert_allclose(both.score, both.p_danger - both.p_safe, rtol=0, atol=1e-12)
     assert np.all(np.abs(both.p_safe) <= N_TERMS) and np.std(both.p_safe) > 0
     # The projection variant of the aligned sample: Σ ⟨δW, δW⟩/‖δW‖ = Σ_m ‖δW_m‖ (relative error; fp32 sums)
-    projection = sqsd.score_samples(examples, probe, metric="projection", batch_size=BATCH, max_len=MAX_LEN)
+    projection = sqsd.score_probes(examples, probe, cfg=scoring(metric="projection"))
     norms = sum(np.sqrt((u[row] ** 2).sum(axis=(-2, -1))).sum() for u in induced_updates(params, g).values())
     assert projection.method == "sqsd-projection"
     assert abs(projection.p_danger[row] / norms - 1) <= 1e-5, (projection.p_danger[row], norms)
@@ -253,8 +265,8 @@ def test_unscorable_samples_are_nan_and_flagged_and_truncation_is_counted(model,
          "id": "long"},
     ]
     mixed = examples[:3] + bad
-    probe = sqsd.DirectionProbe(lora_cfg, params, sqsd.Directions.from_adapters(lora_cfg, danger))
-    scores = sqsd.score_samples(mixed, probe, batch_size=BATCH, max_len=MAX_LEN)
+    probe = sqsd.llama_probe(lora_cfg, params, sqsd.directions_from_adapters(lora_cfg, danger))
+    scores = sqsd.score_probes(mixed, probe, cfg=scoring())
     by_id = dict(zip(scores.ids, range(len(mixed))))
     for sample_id, flag in (("all-masked", "no_targets"), ("empty", "empty"), ("first", "no_targets")):
         i = by_id[sample_id]
@@ -272,30 +284,30 @@ def test_unscorable_samples_are_nan_and_flagged_and_truncation_is_counted(model,
 def test_directions_that_do_not_fit_the_model_raise_naming_the_module(model):
     lora_cfg, params, danger = model
     partial_cfg = lora_cfg.replace(lora=LoraConfig(4, 4.0, ("q_proj", "v_proj")))
-    directions = sqsd.Directions.from_adapters(partial_cfg, danger)  # reads q_proj and v_proj only
+    directions = sqsd.directions_from_adapters(partial_cfg, danger)  # reads q_proj and v_proj only
     with pytest.raises(sqsd.DirectionsMismatch, match="blocks/attn/k_proj"):
-        sqsd.score_samples(make_examples(2), sqsd.DirectionProbe(lora_cfg, params, directions), max_len=MAX_LEN)
+        sqsd.score_probes(make_examples(2), sqsd.llama_probe(lora_cfg, params, directions), cfg=scoring())
 
-    wrong = dict(sqsd.Directions.from_adapters(lora_cfg, danger).modules)
+    wrong = dict(sqsd.directions_from_adapters(lora_cfg, danger).modules)
     wrong["blocks/mlp/up_proj"] = sqsd.DenseDirection(jnp.zeros((2, 64, 64)))
     with pytest.raises(sqsd.DirectionsMismatch, match=r"blocks/mlp/up_proj.*\(2, 64, 128\)"):
-        sqsd.Directions(wrong).check(lora_cfg)
+        sqsd.Directions(wrong).check(params, sqsd.llama_lora_sites(lora_cfg))
 
     base = lora.split(params)[0]
     pruned = jax.tree.map(lambda x: x, base)
     del pruned["blocks"]["mlp"]["down_proj"]
     with pytest.raises(sqsd.DirectionsMismatch, match="blocks/mlp/down_proj"):
-        sqsd.Directions.from_checkpoints(base, pruned)
+        sqsd.directions_from_checkpoints(base, pruned)
     with pytest.raises(sqsd.DirectionsMismatch, match="merge"):
-        sqsd.Directions.from_checkpoints(base, params)
+        sqsd.directions_from_checkpoints(base, params)
     moved = jax.tree.map(lambda x: x + 1.0, base)
-    diff = sqsd.Directions.from_checkpoints(base, moved, targets=("q_proj",))
+    diff = sqsd.directions_from_checkpoints(base, moved, targets=("q_proj",))
     assert diff.keys == ["blocks/attn/q_proj"] and np.allclose(diff.modules["blocks/attn/q_proj"].matrix, 1.0)
     with pytest.raises(sqsd.DirectionsMismatch, match="no direction for adapted module"):
-        diff.check(lora_cfg, "lora")
-    diff.check(CFG, "full")
+        diff.check(params, sqsd.llama_lora_sites(lora_cfg))
+    diff.check(base, sqsd.kernel_sites(diff.keys))
     with pytest.raises(sqsd.DirectionsMismatch, match="cfg.lora is None"):
-        diff.check(CFG, "lora")
+        sqsd.llama_probe(CFG, base, diff, space="lora")
 
 
 def test_write_jsonl_keeps_text_and_marks_unscored_rows(tmp_path):
@@ -320,7 +332,8 @@ def test_baselines(model, examples, grads):
     head = examples[:BATCH]
 
     # Self-Inf-N from the same per-example gradients
-    scores = sqsd.self_influence_scores(head, cfg=lora_cfg, params=params, wrt="adapters", batch_size=BATCH,
+    loss = sqsd.LlamaLoss(lora_cfg)
+    scores = sqsd.self_influence_scores(loss, params, head, wrt=sqsd.is_adapter_leaf, batch_size=BATCH,
                                         max_len=MAX_LEN)
     squared = sum((v.reshape(BATCH, -1) ** 2).sum(1) for v in g.values())
     lengths = np.array([e["loss_mask"][1:].sum() for e in head])
@@ -329,21 +342,19 @@ def test_baselines(model, examples, grads):
     # Gradient matching: with one harmful anchor equal to sample 1 (its whole response kept) and no refusal set,
     # sample 1's harmful term is cos(g, g) = 1, the largest
     anchor = dict(head[1])
-    matching = sqsd.gradient_matching_scores(head, cfg=lora_cfg, params=params, harmful_anchors=[anchor],
-                                             refusal_anchor_sets=[], harmful_prefix_tokens=MAX_LEN, wrt="adapters",
-                                             batch_size=BATCH, max_len=MAX_LEN)
+    matching = sqsd.gradient_matching_scores(loss, params, head, sqsd.only_first_targets([anchor], MAX_LEN), [],
+                                             wrt=sqsd.is_adapter_leaf, batch_size=BATCH, max_len=MAX_LEN)
     assert abs(matching.components["harmful"][1] - 1.0) <= 1e-5 and np.argmax(matching.score) == 1
     # bidirectional: the refusal set's term is subtracted
-    two_sided = sqsd.gradient_matching_scores(head, cfg=lora_cfg, params=params, harmful_anchors=[anchor],
-                                              refusal_anchor_sets=[[head[2]]], harmful_prefix_tokens=3,
-                                              wrt="adapters", batch_size=BATCH, max_len=MAX_LEN)
+    two_sided = sqsd.gradient_matching_scores(loss, params, head, sqsd.only_first_targets([anchor], 3), [[head[2]]],
+                                              wrt=sqsd.is_adapter_leaf, batch_size=BATCH, max_len=MAX_LEN)
     np.testing.assert_allclose(two_sided.score, two_sided.components["harmful"] - two_sided.components["refusal_1"],
                                atol=1e-12)
     assert abs(two_sided.components["refusal_1"][2] - 1.0) <= 1e-5
 
     # Representation matching: a sample identical to a harmful anchor has top-1 cosine 1
     anchors = [head[3], make_examples(1, seed=9)[0]]
-    rep = sqsd.representation_scores(head, cfg=lora_cfg, params=params, harmful_anchors=anchors, batch_size=BATCH,
+    rep = sqsd.representation_scores(sqsd.LlamaFeatures(lora_cfg), params, head, anchors, batch_size=BATCH,
                                      max_len=MAX_LEN)
     assert abs(rep.score[3] - 1.0) <= 1e-5 and np.argmax(rep.score) == 3
 
@@ -354,34 +365,33 @@ def test_baselines(model, examples, grads):
 
 def test_more_bad_input_cut_rows_non_finite_updates_and_foreign_directions(model, examples):
     lora_cfg, params, danger = model
-    probe = sqsd.DirectionProbe(lora_cfg, params, sqsd.Directions.from_adapters(lora_cfg, danger))
+    probe = sqsd.llama_probe(lora_cfg, params, sqsd.directions_from_adapters(lora_cfg, danger))
     eos = 2
     # encode_rows(policy="truncate") leaves a cut row ending on a target token that is not eos: with eos_id the
     # scorer counts it as truncated (it fits max_len, so only the missing eos tells); a row ending on eos is whole.
     cut, whole = dict(examples[0], id="cut"), dict(examples[1], id="whole")
     cut["input_ids"] = np.r_[cut["input_ids"][:-1], 7].astype(np.int32)
     whole["input_ids"] = np.r_[whole["input_ids"][:-1], eos].astype(np.int32)
-    scores = sqsd.score_samples([cut, whole], probe, batch_size=BATCH, max_len=MAX_LEN, eos_id=eos)
+    scores = sqsd.score_probes(sqsd.token_samples([cut, whole], MAX_LEN, eos_id=eos), probe, cfg=scoring())
     assert scores.flags == [("truncated",), ()] and scores.n_truncated == 1 and np.all(scores.valid)
 
     # A non-finite update (here: a NaN in one adapter of the scoring state) gives NaN + "non_finite", never 0.
     broken = jax.tree.map(lambda x: x, params)
     broken["blocks"]["attn"]["q_proj"]["lora_b"] = broken["blocks"]["attn"]["q_proj"]["lora_b"].at[0, 0, 0].set(
         jnp.nan)
-    bad = sqsd.score_samples(examples[:2], sqsd.DirectionProbe(lora_cfg, broken, probe.directions),
-                             batch_size=BATCH, max_len=MAX_LEN)
+    bad = sqsd.score_probes(examples[:2], sqsd.llama_probe(lora_cfg, broken, probe.directions), cfg=scoring())
     assert np.all(np.isnan(bad.score)) and all("non_finite" in f for f in bad.flags)
     assert "0 of 2 samples scored (2 non_finite)" in bad.summary()
 
     # Directions from a model with another depth (3 layers instead of 2): the shape error names the module.
     deeper = lora_cfg.replace(num_layers=CFG.num_layers + 1)
-    foreign = sqsd.Directions.from_adapters(deeper, lora.split(random_params(deeper, seed=3))[1])
+    foreign = sqsd.directions_from_adapters(deeper, lora.split(random_params(deeper, seed=3))[1])
     with pytest.raises(sqsd.DirectionsMismatch, match=r"blocks/attn/k_proj.*\(3, 64,"):
-        sqsd.score_samples(examples[:1], sqsd.DirectionProbe(lora_cfg, params, foreign), max_len=MAX_LEN)
+        sqsd.score_probes(examples[:1], sqsd.llama_probe(lora_cfg, params, foreign), cfg=scoring())
 
     # Scoring params without adapters at a direction's module (e.g. base weights passed by mistake).
-    with pytest.raises(sqsd.DirectionsMismatch, match="no lora_a/lora_b at 'blocks/attn/k_proj'"):
-        sqsd.DirectionProbe(lora_cfg, lora.split(params)[0], probe.directions).check()
+    with pytest.raises(sqsd.DirectionsMismatch, match="no leaf 'blocks/attn/k_proj/lora_a'"):
+        sqsd.llama_probe(lora_cfg, lora.split(params)[0], probe.directions).check()
 
 
 def _sqsd_windows_script():
