@@ -307,12 +307,13 @@ def _write_refusal_rows(path: Path, seed: int) -> Path:
 def _sqsd(job: DemoJob, out: Path, aligned: str) -> dict:
     import numpy as np
 
-    from safetrade.sqsd_job import SQSDJob, run_sqsd_job
+    from safetrade.sqsd import SQSDConfig
+    from safetrade.sqsd.job import SQSDJob, run_sqsd_job
 
     sj = SQSDJob(model=aligned, method="sqsd", initial=str(out / "benign" / "adapter"),
                  danger=str(out / "attack" / "adapter"), safety=str(out / "safety_dir" / "adapter"),
-                 pool="capability", n=job.sqsd_pool, max_len=job.max_len, batch_size=8, windows=5, seed=job.seed,
-                 out=str(out / "sqsd" / "scores.jsonl"))
+                 pool="capability", n=job.sqsd_pool, windows=5, seed=job.seed, out=str(out / "sqsd" / "scores.jsonl"),
+                 sqsd=SQSDConfig(batch_size=8, max_len=job.max_len))
     Path(sj.out).parent.mkdir(parents=True, exist_ok=True)
     rows, scores, windows = run_sqsd_job(sj)
     values = np.asarray(scores.score, dtype=float)
