@@ -8,16 +8,17 @@ A benchmark, never a test: it prints numbers and ratios and exits 0 whatever the
 
 Setting (all three sides identical): the model (default the registered smollm2-135m-instruct, fp32), three rank-8
 LoRA adapters on all seven projections ("initial", "danger", "safety"; alpha 16) written as PEFT dirs, and --n rows
-of the benign pool `safetrade sqsd` scores by default (`sqsd_job.pool_rows("capability", n, seed)`), encoded with
-the chat template and truncated at --max-len exactly as `run_sqsd_job` does. The adapters are seeded random
-stand-ins for trained ones: lora_a ~ N(0, 1/in) as a fresh adapter, lora_b ~ N(0, --b-std²) (a trained B is
+of the benign pool `safetrade sqsd` scores by default (`sqsd.job.pool_rows("capability", n, seed)`), encoded with
+the chat template and truncated at --max-len exactly as `sqsd.job.run_sqsd_job` does. The adapters are seeded
+random stand-ins for trained ones: lora_a ~ N(0, 1/in) as a fresh adapter, lora_b ~ N(0, --b-std²) (a trained B is
 non-zero; B = 0 would make the danger side degenerate), so no training run is needed; --initial/--danger/--safety
 take real PEFT dirs instead. Each SQSD score is P_danger (updates at "initial" vs the danger adapter's B·A) −
 P_safe (updates at "safety", LoRA scaling overridden to --safety-scale, vs its own B·A): two forward+backward
 passes per sample.
 
 Timed paths (scores of all three are compared):
-  vmapped  `sqsd.score_samples(examples, danger, safety, batch_size=--batch-size)`: what `safetrade sqsd` runs
+  vmapped  `sqsd.score_probes(examples, danger, safety, SQSDConfig(batch_size=--batch-size))`: what `safetrade sqsd`
+           runs
            (per-example gradients by vmap over the batch, rank-space cosines).
   batch-1  the same call with batch_size=1: the same code, one sample per jitted step.
   torch    bench/torch_sqsd.py in the torch venv: HF transformers + peft, the official per-sample structure
@@ -62,12 +63,17 @@ if str(REPO) not in sys.path:  # `python bench/sqsd.py` from a checkout without 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 from bench.forward import run_info, run_torch_script  # noqa: E402
 from bench.torch_sqsd import peak_rss_mib  # noqa: E402  (stdlib-only at import: no torch needed)
 from safetrade import hub, sqsd  # noqa: E402
+from safetrade.data import encode_rows  # noqa: E402
+from safetrade.data.batching import make_batch  # noqa: E402
 from safetrade.models import io, lora  # noqa: E402
 from safetrade.models.llama import LORA_TARGETS, LoraConfig  # noqa: E402
+from safetrade.sqsd.job import pool_rows  # noqa: E402
+from safetrade.tokenizer import load_tokenizer  # noqa: E402
 
 GOAL = 10.0  # vmapped samples/s / batch-1 loop samples/s
 EQUAL_TOL = 1e-4  # |score difference| between the two safetrade paths (sums of ~200 fp32 cosines)
@@ -102,31 +108,30 @@ def random_adapter_dirs(cfg, base, out: Path, rank: int, alpha: float, b_std: fl
 def warm_up(examples, danger, safety, batch_size: int, max_len: int) -> float:
     """Compile every (batch_size, bucket) shape that scoring `examples` in batches of `batch_size` will use.
 
-    score_samples sorts by length and pads each batch to the bucket of its longest row, so one call per distinct
+    token_samples sorts by length and pads each batch to the bucket of its longest row, so one call per distinct
     bucket, on that batch's longest row alone (padded to batch_size rows), compiles exactly those shapes.
     """
-    prepared = sqsd._prepare(examples, max_len)
+    samples = sqsd.token_samples(examples, max_len)
     seen, reps = set(), []
-    for chosen, batch in sqsd._batches(prepared, batch_size, max_len):
+    for chosen, batch in samples.batches(batch_size):
         length = batch["input_ids"].shape[1]
         if length not in seen:
             seen.add(length)
-            reps.append(examples[int(max(chosen, key=lambda i: len(prepared.examples[i]["input_ids"])))])
+            reps.append(examples[int(max(chosen, key=lambda i: len(samples.rows[i]["input_ids"])))])
     t = time.perf_counter()
     for example in reps:
-        sqsd.score_samples([example], danger, safety, batch_size=batch_size, max_len=max_len)
+        sqsd.score_probes([example], danger, safety, sqsd.SQSDConfig(batch_size=batch_size, max_len=max_len))
     return time.perf_counter() - t
 
 
 def step_memory(danger, examples, batch_size: int, max_len: int) -> dict | None:
     """XLA's memory analysis of the jitted per-example gradient step at the longest bucket these samples use."""
-    prepared = sqsd._prepare(examples, max_len)
-    length = max(batch["input_ids"].shape[1] for _, batch in sqsd._batches(prepared, batch_size, max_len))
-    from safetrade.data.batching import make_batch
-
-    batch = make_batch(prepared.examples[:1], length, batch_size)
+    samples = sqsd.token_samples(examples, max_len)
+    length = max(batch["input_ids"].shape[1] for _, batch in samples.batches(batch_size))
+    batch = make_batch(samples.rows[:1], length, batch_size)
     try:
-        compiled = sqsd.per_example_grads.lower(danger.cfg, danger.params, batch, wrt="adapters").compile()
+        compiled = sqsd.per_example_grads.lower(danger.loss_fn, danger.params, batch,
+                                                wrt=danger.gradient_paths()).compile()
         m = compiled.memory_analysis()
     except Exception as exc:  # noqa: BLE001 - a backend without the analysis: reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -147,7 +152,8 @@ def time_path(label, examples, danger, safety, batch_size, max_len, eos_id):
     resettable = reset_peak_rss()
     compile_s = warm_up(examples, danger, safety, batch_size, max_len)
     t = time.perf_counter()
-    scores = sqsd.score_samples(examples, danger, safety, batch_size=batch_size, max_len=max_len, eos_id=eos_id)
+    scores = sqsd.score_probes(sqsd.token_samples(examples, max_len, eos_id), danger, safety,
+                               sqsd.SQSDConfig(batch_size=batch_size, max_len=max_len))
     wall = time.perf_counter() - t
     print(f"[safetrade] {label} (batch {batch_size}): {len(examples)} samples in {wall:.2f}s "
           f"(warm-up/compile {compile_s:.1f}s)", file=sys.stderr, flush=True)
@@ -161,8 +167,6 @@ def spearman(a, b) -> float | None:
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 2:
         return None
-    from scipy.stats import spearmanr
-
     return float(spearmanr(a[ok], b[ok]).statistic)
 
 
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model name, GGUF file or HF dir")
-    ap.add_argument("--pool", default="capability", help="benign pool (built set, dataset or file), as sqsd_job")
+    ap.add_argument("--pool", default="capability", help="benign pool (built set, dataset or file), as sqsd.job")
     ap.add_argument("--n", type=int, default=64, help="pool samples scored by every path")
     ap.add_argument("--max-len", type=int, default=256, help="tokens per sample (longer ones are truncated)")
     ap.add_argument("--batch-size", type=int, default=8, help="the vmapped path's batch (the CLI's default)")
@@ -214,10 +218,6 @@ def main(argv=None) -> int:
     if given and len(given) != 3:
         raise SystemExit("--initial, --danger and --safety go together (or none: seeded stand-in adapters)")
 
-    from safetrade.data import encode_rows
-    from safetrade.sqsd_job import pool_rows
-    from safetrade.tokenizer import load_tokenizer
-
     info = run_info(args, argv)
     t = time.perf_counter()
     path = hub.resolve_model(args.model)
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         dirs = ({n: getattr(args, n) for n in ADAPTERS} if given else
                 random_adapter_dirs(cfg, base, tmp, args.rank, args.alpha, args.b_std, args.seed))
         states = [lora.load_peft(dirs[n], cfg, base) for n in ADAPTERS]  # as run_sqsd_job loads them
-        danger, safety = sqsd.sqsd_probes(*states, safety_scale=args.safety_scale)
+        danger, safety = sqsd.llama_probes(*states, safety_scale=args.safety_scale)
         n_terms = sum(d.shape[0] for d in danger.directions.modules.values())
         print(f"model {path} ({cfg.num_layers} layers, {cfg.num_params / 1e6:.0f}M params); adapters "
               f"{'from ' + ', '.join(str(dirs[n]) for n in ADAPTERS) if given else f'seeded rank {args.rank}, alpha {args.alpha:g}, B std {args.b_std:g}'}"
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     if len(examples) % args.batch_size:
         print(f"note: {len(examples)} samples is not a multiple of the batch {args.batch_size}: the vmapped path's "
               f"last batch also computes {args.batch_size - len(examples) % args.batch_size} empty padding rows "
-              "(score_samples keeps one shape per bucket to avoid recompiling), which lowers its samples/s")
+              "(the scorer keeps one shape per bucket to avoid recompiling), which lowers its samples/s")
     if why_no_torch:
         print(f"torch numbers missing: {why_no_torch}")
     print(f"loadavg start {info['loadavg_start']} end {info['loadavg_end']}")

@@ -10,7 +10,7 @@ scores). Prints one JSON line on stdout, the last line of output: per-sample P_d
 
 An independent implementation with the *structure* of the released code (Jason-wx/SQSD,
 `projection_grad_vector_check-initial*.py` for the danger side and `projection_grad_vector_scale*.py` for the
-safety side; behaviour as recorded in shared/research/sqsd.md §1.2-1.3):
+safety side; what they compute is described in docs/sqsd.md, "The official procedure"):
 
   * batch size 1; per sample: zero the adapter gradients, forward with labels (prompt tokens -100), token-mean
     cross-entropy, backward into the active adapter's lora_A / lora_B only;

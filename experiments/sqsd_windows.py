@@ -10,7 +10,7 @@ The defaults (pool 100, 5 windows of 20, adapters of 10 steps, window fine-tunes
    the training engine: "initial" (--initial-steps on the benign pool's source), "danger" (harmful Q+A attack set),
    "safety" (proxy refusals), --adapter-steps each.
 2. Scores: each --methods scorer (sqsd, random, gradient = He et al. bidirectional gradient matching,
-   representation = He et al. representation matching, self_inf; safetrade/sqsd_job.py) ranks the same pool;
+   representation = He et al. representation matching, self_inf; safetrade/sqsd/job.py) ranks the same pool;
    --windows equal windows with the official linspace starts, S1 = highest risk.
 3. Windows: the aligned model is fine-tuned on each window (--window-mode lora: rank-8 LoRA on all seven
    projections, as the official LLaMA-Factory runs; full: all parameters), --window-steps steps of batch 8 over
@@ -38,7 +38,15 @@ import math
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from scipy.stats import spearmanr
+
+from safetrade import config as config_lib
+from safetrade.evaluate.suite import EvalConfig, run_evaluation
+from safetrade.sqsd import SQSDConfig, rank_windows
+from safetrade.sqsd.job import SQSDJob, pool_rows, run_sqsd_job
+from safetrade.train.jobs import run_train_job
 
 LORA_ALL = "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 METHODS = ("sqsd", "random", "gradient", "representation", "self_inf")
@@ -50,9 +58,6 @@ def log(message: str) -> None:
 
 def train(config: str, out: Path, overrides: list[str]) -> Path:
     """A training-engine run into `out`, skipped when its summary.json exists (the run finished)."""
-    from safetrade import config as config_lib
-    from safetrade.train.jobs import run_train_job
-
     if (out / "summary.json").exists():
         log(f"reusing {out}")
     else:
@@ -64,8 +69,6 @@ def train(config: str, out: Path, overrides: list[str]) -> Path:
 
 def asr(model: str, out: Path, n: int) -> dict:
     """Keyword ASR and refusal margin on n held-out harmful prompts; the evaluation JSON at `out` is reused."""
-    from safetrade.evaluate.suite import EvalConfig, run_evaluation
-
     if out.exists():
         record = json.loads(out.read_text())
     else:
@@ -97,16 +100,15 @@ def cached_scores(path: Path, rows: list[dict]) -> np.ndarray | None:
 
 def score_pool(method: str, args, rows: list[dict], adapters: dict[str, Path]) -> np.ndarray:
     """Scores of the pool rows by `method` (cached JSONL), NaN where a row could not be scored."""
-    from safetrade.sqsd_job import SQSDJob, run_sqsd_job
-
     path = args.out / f"scores_{method}.jsonl"
     scores = cached_scores(path, rows)
     if scores is not None:
         log(f"reusing {path}")
         return scores
     t = time.perf_counter()
+    scoring = SQSDConfig(batch_size=args.score_batch, max_len=args.max_len)
     job = SQSDJob(model=args.aligned, method=method, pool=args.pool, n=args.pool_size, seed=args.seed,
-                  max_len=args.max_len, batch_size=args.score_batch, windows=args.windows, out=str(path),
+                  windows=args.windows, out=str(path), sqsd=scoring,
                   **({k: str(v / "adapter") for k, v in adapters.items()} if method == "sqsd" else {}))
     _, result, _ = run_sqsd_job(job, rows=rows)
     log(f"scored {len(rows)} rows with {method} in {time.perf_counter() - t:.0f}s ({result.summary()})")
@@ -122,8 +124,6 @@ def window_trend(per_window: list[dict]) -> dict:
     """Spearman(window index, ASR) (None when ASR is constant) and S1 − S5 ASR; the same for the refusal margin
     (log-likelihood of refusing over complying, continuous, so it moves before a keyword ASR over a few dozen
     prompts does; a *positive* Spearman there is the claim's direction: lower-risk windows stay safer)."""
-    from scipy.stats import spearmanr
-
     def trend(values: list[float]) -> float | None:
         if len(set(values)) < 2:
             return None
@@ -160,9 +160,6 @@ def batch_for(rows: list[dict], batch: int) -> str:
 
 
 def main(argv=None) -> None:
-    from safetrade import sqsd
-    from safetrade.sqsd_job import pool_rows
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--aligned", required=True, help="aligned model (HF dir or registered name)")
     p.add_argument("--out", type=Path, required=True, help="output folder (sub-runs are cached there)")
@@ -194,8 +191,6 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not args.no_compile_cache:
-        import jax
-
         jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -227,7 +222,7 @@ def main(argv=None) -> None:
               "aligned": asr(args.aligned, out / "eval_aligned.json", args.n_eval), "methods": {}}
     for method in args.methods:
         scores = score_pool(method, args, rows, adapters)
-        windows = sqsd.rank_windows(scores, n_windows=args.windows)
+        windows = rank_windows(scores, n_windows=args.windows)
         per_window = []
         for w, members in enumerate(windows, start=1):
             data = write_rows([rows[i] for i in members], out / method / f"window{w}.jsonl")
