@@ -8,12 +8,13 @@ A benchmark, never a test: it prints numbers and ratios and exits 0 whatever the
 
 Two stages, both sides on the same CPU, the same fp32 weights and the same calibration token ids:
   hessians   the safety Hessians H = (2/N) Σ XᵀX of every projection's input, from the aligned model.
-             safetrade: `safedelta.collect_hessians(cfg, aligned, batches, cache_dir=None)` (cache off, so the
-             model really runs), over right-padded batches of --batch-size built as `safetrade safedelta` builds
-             them (safedelta_job: calibration_rows -> encode_rows -> make_batch). torch: bench/torch_safedelta.py,
+             safetrade: `collect_llama_hessians(cfg, aligned, batches, cache_dir=None)` (safedelta/llama_adapter.py:
+             the generic capture of `collect_hessians` on our model; cache off, so the model really runs), over
+             right-padded batches of --batch-size built as `safetrade safedelta` builds them (safedelta/job.py:
+             calibration_rows -> calibration_batches). torch: bench/torch_safedelta.py,
              the official structure (layer by layer, forward hooks on every nn.Linear, one sequence at a time).
   transform  Safe Delta in official mode (s = --s, 1 % damping, blocks of 2048, 15 % excluded, groups of 4).
-             safetrade: `safedelta.safe_delta(cfg, aligned, finetuned, hessians, SafeDeltaConfig(s=...))`;
+             safetrade: `safe_delta(aligned, finetuned, hessians, SafeDeltaConfig(s=...), kernels=KERNELS)`;
              torch: the official `adjust_delta` loop, per Linear.
   end to end = hessians + transform. Loading models, tokenising and writing files are outside every figure.
 
@@ -58,7 +59,12 @@ import numpy as np  # noqa: E402
 
 from bench.forward import run_info, run_torch_script  # noqa: E402
 from safetrade import hub  # noqa: E402
+from safetrade.errors import SafetradeError  # noqa: E402
 from safetrade.models import io  # noqa: E402
+from safetrade.safedelta import SafeDeltaConfig, safe_delta  # noqa: E402
+from safetrade.safedelta.job import calibration_batches, calibration_rows, load_finetuned  # noqa: E402
+from safetrade.safedelta.llama_adapter import KERNELS, PROJECTIONS, collect_llama_hessians  # noqa: E402
+from safetrade.tokenizer import load_tokenizer  # noqa: E402
 
 GOAL = 3.0  # torch end-to-end seconds / safetrade end-to-end seconds
 STAGES = ("hessians", "transform", "total")
@@ -75,8 +81,6 @@ def truncate_layers(cfg, params, layers: int):
 
 def projection_specs(cfg) -> list[io.WeightSpec]:
     """The stacked q/k/v/o/gate/up/down kernels: what Safe Delta edits."""
-    from safetrade.safedelta import PROJECTIONS
-
     return [s for s in io.weight_specs(cfg) if s.stacked and s.path[-1] == "kernel" and s.path[-2] in PROJECTIONS]
 
 
@@ -92,33 +96,25 @@ def with_noise(cfg, params, std: float, seed: int):
 
 
 def calibration(tokenizer, n: int, max_len: int, batch_size: int):
-    """(token id lists, padded batches): exactly how safedelta_job.run_safe_delta_job builds its batches."""
-    from safetrade.data.batching import make_batch
-    from safetrade.data.formatting import encode_rows
-    from safetrade.safedelta_job import calibration_rows
-
+    """(token id lists, padded batches): exactly how safedelta/job.py's run_safe_delta_job builds its batches."""
     rows = calibration_rows("alignment_refusals", n, 0)
-    examples, _ = encode_rows(tokenizer, rows, max_len=max_len, policy="truncate", dataset="calibration")
-    if not examples:
-        raise SystemExit(f"no calibration row fits --max-len {max_len} (the prompt alone is longer); raise it")
-    longest = max(len(e["input_ids"]) for e in examples)
-    pad = tokenizer.pad_token_id or 0
-    batches = [make_batch(examples[i:i + batch_size], longest, batch_size, pad_id=pad)
-               for i in range(0, len(examples), batch_size)]
+    try:
+        examples, _, batches = calibration_batches(tokenizer, rows, max_len, batch_size)
+    except SafetradeError as err:
+        raise SystemExit(f"{err} (--max-len)") from None
     return [list(map(int, e["input_ids"])) for e in examples], batches
 
 
 def bench_safetrade(cfg, aligned, finetuned, batches, s: float, repeats: int):
-    from safetrade.safedelta import SafeDeltaConfig, collect_hessians, safe_delta
-
     sd_cfg = SafeDeltaConfig(s=s)
     runs, result, report = [], None, None
     for r in range(max(1, repeats)):
         t = time.perf_counter()
-        hessians = jax.block_until_ready(collect_hessians(cfg, aligned, batches, cache_dir=None))
+        hessians = collect_llama_hessians(cfg, aligned, batches, cache_dir=None)
+        jax.block_until_ready(hessians.arrays)
         hessians_s = time.perf_counter() - t
         t = time.perf_counter()
-        result, report = safe_delta(cfg, aligned, finetuned, hessians, sd_cfg)
+        result, report = safe_delta(aligned, finetuned, hessians, sd_cfg, kernels=KERNELS)
         result = jax.block_until_ready(result)
         transform_s = time.perf_counter() - t
         runs.append({"hessians": hessians_s, "transform": transform_s, "total": hessians_s + transform_s})
@@ -217,9 +213,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, metavar="OUT", help="also write every number to this JSON file")
     args = ap.parse_args(argv)
 
-    from safetrade.safedelta_job import load_finetuned
-    from safetrade.tokenizer import load_tokenizer
-
     info = run_info(args, argv)
 
     t = time.perf_counter()
@@ -279,7 +272,7 @@ def main(argv=None) -> int:
                 continue
             table.append({"runs": which, "stage": label, "safetrade_s": ours, "torch_s": theirs,
                           "ratio": ratio(ours, theirs)})
-    # A later request on the same aligned model: safetrade reads its Hessian cache (safedelta_job), the official
+    # A later request on the same aligned model: safetrade reads its Hessian cache (safedelta/job.py), the official
     # code recomputes them every time, so its whole loop is the comparison.
     if st_timings["transform"]["steady"] is not None and tt and tt["hessians"]["steady"] is not None:
         ours, theirs = st_timings["transform"]["steady"], tt["hessians"]["steady"] + tt["transform"]["steady"]

@@ -4,7 +4,7 @@
         --benign runs/benign/hf --out runs/safedelta_study [--s 0.02 0.05 0.1 0.2 0.5] [--ablations no_compensation]
 
 For each fine-tune (attacked: harmful Q+A; benign: GSM8K capability set) and each s, runs `safetrade safedelta`
-(safetrade/safedelta_job.py; the safety Hessians are computed once and reused from the cache), then evaluates the
+(safetrade/safedelta/job.py; the safety Hessians are computed once and reused from the cache), then evaluates the
 aligned model, each fine-tune and each Safe Delta result with the evaluation suite: keyword ASR on held-out harmful
 prompts, over-refusal on held-out benign prompts, and utility = response loss on held-out GSM8K answers (lower is
 better; the benign fine-tune's "utility gain" is the aligned loss minus the fine-tuned loss). Ablations run at the
@@ -18,11 +18,14 @@ import argparse
 import json
 from pathlib import Path
 
+from safety_eval import evaluate_model  # experiments/safety_eval.py: this script's folder is on sys.path
+
+from safetrade.safedelta import SafeDeltaConfig
+from safetrade.safedelta.job import SafeDeltaJob, run_safe_delta_job
+
 
 def evaluate(model: str, out: Path, n: int, seed: int) -> dict:
     """experiments/safety_eval.py's numbers for one model (the same prompts, judge and decoding as the other studies)."""
-    from safety_eval import evaluate_model
-
     r = evaluate_model(model, n, n, max_new_tokens=48, batch_size=16, seed=seed, out=out)
     return {"model": model, "asr": 1.0 - r["harmful_refusal_rate"], "over_refusal": r["benign_refusal_rate"],
             "gsm8k_loss": r["benign_loss"], "refusal_margin": r["refusal_margin"]}
@@ -70,7 +73,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    from safetrade.safedelta_job import SafeDeltaJob, run_safe_delta_job
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--aligned", required=True, help="aligned model (HF dir)")
@@ -99,8 +101,9 @@ def main(argv=None) -> None:
         settings = [(s, None) for s in args.s] + [(args.s[0], a) for a in args.ablations]
         for s, ablation in settings:
             label = f"{name}_s{s}" + (f"_{ablation}" if ablation else "") + ("_paper" if args.mode == "paper" else "")
-            summary = run_safe_delta_job(SafeDeltaJob(aligned=args.aligned, finetuned=path, out_dir=str(args.out / label),
-                                                      s=s, mode=args.mode, ablation=ablation), reuse=True)
+            job = SafeDeltaJob(aligned=args.aligned, finetuned=path, out_dir=str(args.out / label),
+                               safedelta=SafeDeltaConfig(s=s, mode=args.mode, ablation=ablation))
+            summary = run_safe_delta_job(job, reuse=True)
             row = {**evaluate(str(args.out / label / "hf"), args.out / f"eval_{label}.json", args.n_eval, args.seed),
                    "s": s, "ablation": ablation, "kept_fraction": summary["kept_fraction"],
                    "timings": summary["timings"]}

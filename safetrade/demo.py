@@ -151,11 +151,13 @@ def _eval_config(job: DemoJob, model: str):
 
 
 def _safedelta_job(job: DemoJob, name: str, finetuned: str):
-    from safetrade.safedelta_job import SafeDeltaJob
+    from safetrade.safedelta import SafeDeltaConfig
+    from safetrade.safedelta.job import SafeDeltaJob
 
     return SafeDeltaJob(aligned=str(Path(job.out_dir) / "align" / "hf"), finetuned=finetuned,
-                        out_dir=str(Path(job.out_dir) / name), s=job.safedelta_s, n_calibration=job.n_calibration,
-                        max_len=job.max_len, seed=job.seed)
+                        out_dir=str(Path(job.out_dir) / name), n_calibration=job.n_calibration,
+                        max_len=job.max_len, seed=job.seed,
+                        safedelta=SafeDeltaConfig(s=job.safedelta_s, seed=job.seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ LABELS = {"base": "base (unaligned)", "aligned": "aligned", "attacked": "attacke
 def run_demo(job: DemoJob, *, log=print) -> dict:
     from safetrade import config, hub
     from safetrade.evaluate.suite import run_evaluation
-    from safetrade.safedelta_job import run_safe_delta_job
+    from safetrade.safedelta.job import run_safe_delta_job
     from safetrade.train.jobs import run_train_job
 
     out = Path(job.out_dir)
@@ -295,7 +297,7 @@ def _headline(record: dict) -> dict:
 
 def _write_refusal_rows(path: Path, seed: int) -> Path:
     """The alignment set's refusal rows as a JSONL training file (SQSD's safety direction is trained on them)."""
-    from safetrade.safedelta_job import calibration_rows
+    from safetrade.safedelta.job import calibration_rows
 
     rows = calibration_rows("alignment_refusals", 256, seed)
     text = "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in rows)

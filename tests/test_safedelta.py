@@ -2,7 +2,7 @@
 independent NumPy float64 loop, ablations, bad inputs, stacking, and the safety-Hessian pass.
 
 Layouts: our kernels are [in, out]; the method works on W = kernel.T [rows=out, cols=in] with H over the inputs.
-The references below are written in that W layout from the description in shared/research/safedelta.md.
+The references below are written in that W layout from the description in docs/safedelta.md.
 """
 
 from __future__ import annotations
@@ -15,18 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safetrade import safedelta
 from safetrade.models import llama
 from safetrade.safedelta import (
     SafeDeltaConfig,
     SafeDeltaError,
-    _candidate_count,
-    collect_hessians,
     hessians_from_activations,
     official_layer,
     paper_layer,
-    safe_delta,
 )
+from safetrade.safedelta.config import candidate_count
+from safetrade.safedelta.llama_adapter import collect_llama_hessians, safe_delta_llama
+from safetrade.safedelta.order import stable_positions
 
 PAPER = SafeDeltaConfig(mode="paper")
 
@@ -362,9 +361,9 @@ def test_official_dead_inputs_and_exclusion_count():
     new_kernel, _ = official_layer(kernel, finetuned, hessian, BLOCKS16)
     assert edit_error(new_kernel, reference, kernel) <= 1e-5
 
-    assert _candidate_count(384, 0.15) == 384 - 57
-    assert _candidate_count(6, 0.15) == 0 and _candidate_count(7, 0.15) == 6
-    assert _candidate_count(6, 0.0) == 6
+    assert candidate_count(384, 0.15) == 384 - 57
+    assert candidate_count(6, 0.15) == 0 and candidate_count(7, 0.15) == 6
+    assert candidate_count(6, 0.0) == 6
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,8 +451,8 @@ def test_stacked_equals_per_layer_loop(pair):
     """
     aligned, finetuned, hessians = pair
     cfg = SafeDeltaConfig(s=1.0)
-    out, report = safe_delta(SQUARE, aligned, finetuned, hessians, cfg)
-    out_batched, _ = safe_delta(SQUARE, aligned, finetuned, hessians, SafeDeltaConfig(s=1.0, layer_batch=2))
+    out, report = safe_delta_llama(aligned, finetuned, hessians, cfg)
+    out_batched, _ = safe_delta_llama(aligned, finetuned, hessians, SafeDeltaConfig(s=1.0, layer_batch=2))
     for group, name, key in [("attn", "q_proj", "attn_input"), ("attn", "o_proj", "o_proj_input"),
                              ("mlp", "up_proj", "mlp_input"), ("mlp", "down_proj", "down_proj_input")]:
         stacked = np.asarray(out["blocks"][group][name]["kernel"])
@@ -470,7 +469,7 @@ def test_stacked_equals_per_layer_loop(pair):
     # Everything that is not a projection keeps the aligned value (official); optionally the fine-tuned one.
     assert np.array_equal(out["embed"]["embedding"], aligned["embed"]["embedding"])
     assert np.array_equal(out["blocks"]["mlp_norm"]["scale"], aligned["blocks"]["mlp_norm"]["scale"])
-    out_ft, _ = safe_delta(SQUARE, aligned, finetuned, hessians, SafeDeltaConfig(s=1.0, other_params="finetuned"))
+    out_ft, _ = safe_delta_llama(aligned, finetuned, hessians, SafeDeltaConfig(s=1.0, other_params="finetuned"))
     assert np.array_equal(out_ft["embed"]["embedding"], finetuned["embed"]["embedding"])
     assert 0 < report["kept_fraction"] < 1 and report["damping_fallbacks"] == []
 
@@ -479,9 +478,9 @@ def test_budget_extremes(pair):
     """s = 0 keeps no delta entry and pushes no compensation (the aligned kernels come back bit for bit); an
     unbounded budget without exclusion keeps every entry (the fine-tuned kernels come back bit for bit)."""
     aligned, finetuned, hessians = pair
-    out, report = safe_delta(SQUARE, aligned, finetuned, hessians, SafeDeltaConfig(s=0.0))
+    out, report = safe_delta_llama(aligned, finetuned, hessians, SafeDeltaConfig(s=0.0))
     assert report["kept_fraction"] == 0
-    out_all, report_all = safe_delta(SQUARE, aligned, finetuned, hessians,
+    out_all, report_all = safe_delta_llama(aligned, finetuned, hessians,
                                      SafeDeltaConfig(s=1e12, exclude_frac=0.0))
     assert report_all["kept_fraction"] == 1
     for path in report["kernels"]:
@@ -497,28 +496,28 @@ def test_bad_inputs(pair):
     broken = jax.tree.map(lambda x: x, finetuned)
     del broken["blocks"]["mlp"]["up_proj"]
     with pytest.raises(SafeDeltaError, match="blocks/mlp/up_proj/kernel"):
-        safe_delta(SQUARE, aligned, broken, hessians)
+        safe_delta_llama(aligned, broken, hessians)
 
     broken = jax.tree.map(lambda x: x, finetuned)
     broken["blocks"]["attn"]["k_proj"]["kernel"] = broken["blocks"]["attn"]["k_proj"]["kernel"][:, :, :16]
     with pytest.raises(SafeDeltaError, match=r"blocks/attn/k_proj/kernel: aligned shape \(2, 32, 32\)"):
-        safe_delta(SQUARE, aligned, broken, hessians)
+        safe_delta_llama(aligned, broken, hessians)
 
     missing = {k: v for k, v in hessians.items() if k != "down_proj_input"}
     with pytest.raises(SafeDeltaError, match="no Hessian for blocks/mlp/down_proj/kernel"):
-        safe_delta(SQUARE, aligned, finetuned, missing)
+        safe_delta_llama(aligned, finetuned, missing)
 
     with pytest.raises(SafeDeltaError, match="Hessian 'o_proj_input'.*shape"):
-        safe_delta(SQUARE, aligned, finetuned, {**hessians, "o_proj_input": hessians["o_proj_input"][:1]})
+        safe_delta_llama(aligned, finetuned, {**hessians, "o_proj_input": hessians["o_proj_input"][:1]})
 
     broken = jax.tree.map(lambda x: x, finetuned)
     broken["blocks"]["attn"]["v_proj"]["kernel"] = broken["blocks"]["attn"]["v_proj"]["kernel"].at[1, 3, 4].set(
         jnp.nan)
     with pytest.raises(SafeDeltaError, match=r"blocks/attn/v_proj/kernel: .*non-finite.*\[1\]"):
-        safe_delta(SQUARE, aligned, broken, hessians)
+        safe_delta_llama(aligned, broken, hessians)
 
     with pytest.raises(SafeDeltaError, match="merge them first"):
-        safe_delta(SQUARE, aligned, {**finetuned, "blocks": {**finetuned["blocks"], "attn": {
+        safe_delta_llama(aligned, {**finetuned, "blocks": {**finetuned["blocks"], "attn": {
             **finetuned["blocks"]["attn"], "q_proj": {**finetuned["blocks"]["attn"]["q_proj"],
                                                       "lora_a": jnp.zeros((2, 32, 4))}}}}, hessians)
 
@@ -536,7 +535,7 @@ def test_damping_fallback_is_recorded_and_bounded(pair):
     indefinite = eye.copy()
     indefinite[5, 5] = -0.03  # mean(diag) ≈ 0.97: 1 % damping leaves it negative, 10 % lifts it above zero
     h = np.stack([eye, indefinite])
-    _, report = safe_delta(SQUARE, aligned, finetuned, {**hessians, "mlp_input": jnp.asarray(h)})
+    _, report = safe_delta_llama(aligned, finetuned, {**hessians, "mlp_input": jnp.asarray(h)})
     fallbacks = {(f["kernel"], f["layer"]): f["damping"] for f in report["damping_fallbacks"]}
     assert fallbacks == {("blocks/mlp/gate_proj/kernel", 1): pytest.approx(0.1),
                          ("blocks/mlp/up_proj/kernel", 1): pytest.approx(0.1)}
@@ -544,11 +543,11 @@ def test_damping_fallback_is_recorded_and_bounded(pair):
     hopeless = eye.copy()
     hopeless[0, 0] = -100.0
     with pytest.raises(SafeDeltaError, match=r"blocks/attn/o_proj/kernel: .*layer\(s\) \[0\]"):
-        safe_delta(SQUARE, aligned, finetuned, {**hessians, "o_proj_input": jnp.asarray(np.stack([hopeless, eye]))})
+        safe_delta_llama(aligned, finetuned, {**hessians, "o_proj_input": jnp.asarray(np.stack([hopeless, eye]))})
     nan_h = np.stack([eye, eye])
     nan_h[1, 2, 2] = np.nan
     with pytest.raises(SafeDeltaError, match=r"Hessian 'attn_input'.*non-finite.*\[1\]"):
-        safe_delta(SQUARE, aligned, finetuned, {**hessians, "attn_input": jnp.asarray(nan_h)})
+        safe_delta_llama(aligned, finetuned, {**hessians, "attn_input": jnp.asarray(nan_h)})
 
 
 def test_collect_hessians_matches_direct_computation(tmp_path):
@@ -568,7 +567,7 @@ def test_collect_hessians_matches_direct_computation(tmp_path):
     ids = jax.random.randint(jax.random.key(4), (4, 16), 0, cfg.vocab_size)
     mask = jnp.ones((4, 16), jnp.int32).at[1, 10:].set(0).at[2, 4:].set(0).at[3, :].set(0)  # row 3: all padding
     batches = [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
-    hessians = collect_hessians(cfg, params, batches, cache_dir=tmp_path)
+    hessians = collect_llama_hessians(cfg, params, batches, cache_dir=tmp_path).arrays
     assert set(hessians) == {"attn_input", "o_proj_input", "mlp_input", "down_proj_input"}
     assert hessians["down_proj_input"].shape == (2, 32, 32)
 
@@ -599,11 +598,11 @@ def test_collect_hessians_matches_direct_computation(tmp_path):
 
     files = list(tmp_path.glob("hessians-*.safetensors"))
     assert len(files) == 1
-    again = collect_hessians(cfg, params, batches, cache_dir=tmp_path)
+    again = collect_llama_hessians(cfg, params, batches, cache_dir=tmp_path).arrays
     for name in hessians:
         assert np.array_equal(np.asarray(again[name]), np.asarray(hessians[name]))
     params["final_norm"]["scale"] = params["final_norm"]["scale"] * 2
-    collect_hessians(cfg, params, batches, cache_dir=tmp_path)
+    collect_llama_hessians(cfg, params, batches, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("hessians-*.safetensors"))) == 2
 
 
@@ -615,5 +614,5 @@ def test_column_key_positions_equal_a_stable_flat_argsort(rows, cols, distinct):
     flat_order = np.argsort(np.broadcast_to(key, (rows, cols)).reshape(-1), kind="stable")
     expected = np.empty(rows * cols, np.int64)
     expected[flat_order] = np.arange(rows * cols)
-    got = np.asarray(safedelta._stable_positions(jnp.asarray(key), rows)).reshape(-1)
+    got = np.asarray(stable_positions(jnp.asarray(key), rows)).reshape(-1)
     np.testing.assert_array_equal(got, expected)

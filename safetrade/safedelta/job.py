@@ -86,6 +86,8 @@ def calibration_rows(name: str, n: int, seed: int) -> list[dict]:
 def calibration_batches(tokenizer, rows: list[dict], max_len: int, batch_size: int):
     """(encoded examples, encoding report, right-padded batches of `batch_size`, all padded to the longest)."""
     examples, report = encode_rows(tokenizer, rows, max_len=max_len, policy="truncate", dataset="calibration")
+    if not examples:
+        raise SafetradeError(f"no calibration row fits max_len={max_len} (the prompt alone is longer); raise it")
     longest = max(len(e["input_ids"]) for e in examples)
     pad = tokenizer.pad_token_id or 0
     batches = [make_batch(examples[i:i + batch_size], longest, batch_size, pad_id=pad)

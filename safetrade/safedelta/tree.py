@@ -19,6 +19,7 @@ layers ([L, in, out] with [L, in, in] Hessians; several leading axes are flatten
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -129,8 +130,6 @@ def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: st
     """(aligned, fine-tuned, Hessian) as [L, in, out], [L, in, out], [L, in, in], each checked, naming `path`."""
     if np.ndim(w_a) < 2:
         raise SafeDeltaError(f"{path}: a kernel needs at least 2 axes, got shape {tuple(np.shape(w_a))}")
-    if path not in hessians:
-        raise SafeDeltaError(f"no Hessian for {path} (have {sorted(hessians)[:8]})")
     name = hessian_name(hessians, path)
     w_a, w_f = _as_in_out(jnp.asarray(w_a), layout), _as_in_out(jnp.asarray(w_f), layout)
     lead, d_in = w_a.shape[:-2], w_a.shape[-2]
@@ -176,9 +175,13 @@ def safe_delta(aligned, finetuned, hessians: Mapping[str, Any], cfg: SafeDeltaCo
     leaves_f, _ = leaves_by_path(finetuned)
     _check_same_structure(leaves_a, leaves_f)
     chosen = select_kernels(leaves_a, hessians, kernels)
+    missing = [path for path in chosen if path not in hessians]
+    if missing:  # before any layer is computed
+        raise SafeDeltaError(f"no Hessian for {missing[0]}" + (f" (and {len(missing) - 1} more kernels)"
+                             if len(missing) > 1 else "") + f"; have Hessians for {sorted(hessians)[:8]}")
     out = dict(leaves_a if cfg.other_params == "aligned" else leaves_f)
     base_key = jax.random.key(cfg.seed)
-    report: dict[str, Any] = {"config": cfg.__dict__.copy(), "layout": layout, "kernels": {},
+    report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "layout": layout, "kernels": {},
                               "damping_fallbacks": []}
     kept_entries = total_entries = 0.0
 
