@@ -68,3 +68,43 @@ def test_safedelta_command_names_a_mismatched_checkpoint(pair, tmp_path, capsys)
     assert cli.main(["safedelta", f"aligned={root / 'aligned'}", f"finetuned={tmp_path / 'other'}",
                      f"out_dir={tmp_path / 'out'}", "n_calibration=8", "export=false"]) == 2
     assert "not the same architecture" in capsys.readouterr().err
+
+
+def test_method_knobs_bare_or_nested_reach_the_nested_config(capsys):
+    """Every SafeDeltaConfig knob is settable as a bare or a `safedelta.`-dotted override; a job field of the same
+    name (seed) stays the job's; a typo or an invalid value is an error naming the key."""
+    import yaml
+
+    assert cli.main(["safedelta", "damp=0.05", "block_size=512", "safedelta.exclude_frac=0.1", "lazy_group=8",
+                     "layer_batch=2", "mode=paper", "ablation=magnitude", "seed=3", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed"] == 3 and printed["safedelta"]["seed"] == 0
+    assert {k: printed["safedelta"][k] for k in ("damp", "block_size", "exclude_frac", "lazy_group", "layer_batch",
+                                                 "mode", "ablation")} == {
+        "damp": 0.05, "block_size": 512, "exclude_frac": 0.1, "lazy_group": 8, "layer_batch": 2, "mode": "paper",
+        "ablation": "magnitude"}
+    assert cli.main(["safedelta", "dmp=0.05", "--print-config"]) == 2
+    assert "unknown key(s) dmp" in capsys.readouterr().err
+    assert cli.main(["safedelta", "lazy_group=0", "--print-config"]) == 2
+    assert "lazy_group" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_method_knobs_take_effect_and_are_recorded(pair, tmp_path):
+    """A run with damp/block_size/exclude_frac/lazy_group overridden records them in report.json and gives other
+    kernels than the default run on the same (cached) Hessians."""
+    root, *_ = pair
+    common = [f"aligned={root / 'aligned'}", f"finetuned={root / 'finetuned'}", "n_calibration=16", "max_len=128",
+              f"cache_dir={root / 'cache'}", "s=1.0"]
+    assert cli.main(["safedelta", *common, f"out_dir={tmp_path / 'default'}"]) == 0
+    assert cli.main(["safedelta", *common, f"out_dir={tmp_path / 'knobs'}", "damp=0.05", "block_size=16",
+                     "exclude_frac=0.1", "safedelta.lazy_group=8"]) == 0
+    report = json.loads((tmp_path / "knobs" / "report.json").read_text())
+    assert {k: report["job"]["safedelta"][k] for k in ("damp", "block_size", "exclude_frac", "lazy_group", "s")} == {
+        "damp": 0.05, "block_size": 16, "exclude_frac": 0.1, "lazy_group": 8, "s": 1.0}
+    default = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert default["job"]["safedelta"]["damp"] == 0.01
+    assert report["kept_fraction"] != default["kept_fraction"]
+    _, knobs = io.load_hf(tmp_path / "knobs" / "hf")
+    _, plain = io.load_hf(tmp_path / "default" / "hf")
+    assert not np.array_equal(knobs["blocks"]["attn"]["q_proj"]["kernel"], plain["blocks"]["attn"]["q_proj"]["kernel"])
