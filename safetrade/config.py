@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from safetrade.errors import SafetradeError
-from safetrade.train.strategies import StrategyConfig
+from safetrade.tradeoff import Sft, StrategyConfig
 
 
 class ConfigError(SafetradeError):
@@ -87,7 +87,7 @@ class TrainJob:
     optim: OptimSection = OptimSection()
     data: DataSection = DataSection()
     mesh: MeshSection = MeshSection()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = Sft()  # a strategy's own config, picked by its `name` (safetrade/tradeoff/registry.py)
     steps: int = 100
     log_every: int = 1
     eval_every: int = 0
@@ -154,6 +154,8 @@ def from_dict(cls, data: dict[str, Any], where: str = "config"):
     for name, value in data.items():
         hint = hints[name]
         key = f"{where}.{name}" if where != "config" else name
+        if hasattr(hint, "section_for"):  # a section whose data picks its class (the strategy, by name)
+            hint, value = hint.section_for(value, key)
         kwargs[name] = from_dict(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
     try:
         return cls(**kwargs)

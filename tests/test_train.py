@@ -13,7 +13,7 @@ import pytest
 from safetrade import parallel
 from safetrade.models import llama
 from safetrade.train import loop, step as step_lib
-from safetrade.train.strategies import StrategyConfig
+from safetrade.tradeoff import StrategyConfig, strategy_config
 
 CFG = llama.preset("tiny")
 
@@ -38,14 +38,14 @@ def setup(strategy: StrategyConfig, lr=1e-2, accum=1, mesh=None, tx=None):
     aligned = jax.tree.map(jnp.copy, params)
     tx = tx or optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))
     frozen = step_lib.make_frozen(anchor=aligned if strategy.uses_anchor else None,
-                                  proxy_bound=2.0 if strategy.name == "case1_constrained" else None)
+                                  proxy_reference=2.0 if strategy.uses_proxy_reference else None)
     fn = step_lib.make_train_step(CFG, tx, strategy, accum_steps=accum)
     if mesh is None:
         return jax.jit(fn, donate_argnums=0), step_lib.init_state(params, tx, strategy), frozen
     shard = parallel.param_shardings(llama.logical_axes(CFG), params, mesh)
     params = jax.device_put(params, shard)
     state = step_lib.init_state(params, tx, strategy)
-    shardings = step_lib.state_shardings(state, shard, mesh, tx)
+    shardings = step_lib.state_shardings(state, shard, mesh, tx, strategy)
     state = jax.device_put(state, shardings)
     fz = step_lib.frozen_shardings_for(frozen, CFG, mesh)
     frozen = jax.device_put(frozen, fz)
@@ -62,7 +62,7 @@ def losses(strategy, steps=5, **kw):
 
 
 def test_sft_learns_the_batch():
-    fn, state, frozen = setup(StrategyConfig("sft"))
+    fn, state, frozen = setup(strategy_config("sft"))
     first = None
     for _ in range(30):
         state, metrics = fn(state, batches(0), frozen)
@@ -72,8 +72,8 @@ def test_sft_learns_the_batch():
 
 def test_accumulation_equals_one_big_batch():
     # SGD, because Adam's m/√v turns fp32 summation-order noise in near-zero gradients into lr-sized steps.
-    one, s1 = losses(StrategyConfig("case1_penalty", lam=0.5), steps=3, accum=1, tx=optax.sgd(0.5))
-    two, s2 = losses(StrategyConfig("case1_penalty", lam=0.5), steps=3, accum=4, tx=optax.sgd(0.5))
+    one, s1 = losses(strategy_config("case1_penalty", lam=0.5), steps=3, accum=1, tx=optax.sgd(0.5))
+    two, s2 = losses(strategy_config("case1_penalty", lam=0.5), steps=3, accum=4, tx=optax.sgd(0.5))
     for a, b in zip(one, two):
         assert abs(a["loss_cap"] - b["loss_cap"]) < 1e-5 * abs(a["loss_cap"])
         assert abs(a["loss_proxy"] - b["loss_proxy"]) < 1e-5 * abs(a["loss_proxy"])
@@ -83,7 +83,7 @@ def test_accumulation_equals_one_big_batch():
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_case2_projection_holds_after_every_step(per_tensor):
     r = 0.05
-    fn, state, frozen = setup(StrategyConfig("case2_projection", radius=r, per_tensor=per_tensor), lr=1e-2)
+    fn, state, frozen = setup(strategy_config("case2_projection", radius=r, per_tensor=per_tensor), lr=1e-2)
     for k in range(6):
         state, metrics = fn(state, batches(k), frozen)
         for leaf_p, leaf_a in zip(jax.tree.leaves(state.params), jax.tree.leaves(frozen["anchor"])):
@@ -94,13 +94,13 @@ def test_case2_projection_holds_after_every_step(per_tensor):
 
 
 def test_case1_constrained_multiplier_moves_with_the_violation():
-    out, _ = losses(StrategyConfig("case1_constrained", lam=0.0, dual_lr=1.0), steps=3)
+    out, _ = losses(strategy_config("case1_constrained", lam=0.0, dual_lr=1.0), steps=3)
     # proxy loss on random tokens is ~log(256) = 5.5 > bound 2.0, so λ rises by η·(L − 2) each step.
     assert out[0]["lam"] == 0.0 and out[1]["lam"] > 3.0 and out[2]["lam"] > out[1]["lam"]
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulated devices")
-@pytest.mark.parametrize("strategy", [StrategyConfig("sft"), StrategyConfig("case2_projection", radius=0.05)])
+@pytest.mark.parametrize("strategy", [strategy_config("sft"), strategy_config("case2_projection", radius=0.05)])
 def test_sharded_loss_curve_equals_single_device(strategy):
     single, _ = losses(strategy, steps=5)
     sharded, _ = losses(strategy, steps=5, mesh=parallel.make_mesh(data=2, fsdp=4, tensor=1))
@@ -111,7 +111,7 @@ def test_sharded_loss_curve_equals_single_device(strategy):
 def test_divergence_stops_with_a_clear_error(tmp_path):
     params = llama.init(CFG, jax.random.key(0))
     tx = optax.sgd(1e30)
-    strategy = StrategyConfig("sft")
+    strategy = strategy_config("sft")
     fn = jax.jit(step_lib.make_train_step(CFG, tx, strategy), donate_argnums=0)
     state = step_lib.init_state(params, tx, strategy)
     with pytest.raises(loop.TrainingDiverged, match=r"step \d+: non-finite .*loss_cap.*last good checkpoint is step 1"):
@@ -124,7 +124,7 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
 
     params = llama.init(CFG, jax.random.key(0))
     tx = optax.adam(1e-3)
-    strategy = StrategyConfig("sft")
+    strategy = strategy_config("sft")
     fn = jax.jit(step_lib.make_train_step(CFG, tx, strategy))
     state = step_lib.init_state(params, tx, strategy)
     loop.run(fn, state, {}, batches, loop.LoopConfig(steps=3, progress=False), tmp_path)
@@ -152,7 +152,7 @@ def test_lora_case2_projection_bounds_the_merged_update():
     cfg, full = lora.add_adapters(CFG, base, llama.LoraConfig(rank=4, alpha=8, targets=("q_proj", "down_proj")),
                                   jax.random.key(1))
     base, adapters = lora.split(full)
-    strategy = StrategyConfig("case2_projection", radius=r)
+    strategy = strategy_config("case2_projection", radius=r)
     tx = optax.adam(5e-2)
     fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy, lora=True))
     state = step_lib.init_state(adapters, tx, strategy)
@@ -169,7 +169,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
 
     params = llama.init(CFG, jax.random.key(0))
     tx = optax.adam(1e-3)
-    strategy = StrategyConfig("sft")
+    strategy = strategy_config("sft")
     fn = jax.jit(step_lib.make_train_step(CFG, tx, strategy))
     state = step_lib.init_state(params, tx, strategy)
     loop.run(fn, state, {}, batches, loop.LoopConfig(steps=4, save_every=2, progress=False), tmp_path)
@@ -206,7 +206,7 @@ def test_bf16_compute_with_fp32_master_weights_trains():
     cfg = CFG.replace(dtype="bfloat16", remat=True)
     params = llama.init(cfg, jax.random.key(0))
     tx = optax.adam(1e-2)
-    strategy = StrategyConfig("sft")
+    strategy = strategy_config("sft")
     fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy))
     state = step_lib.init_state(params, tx, strategy)
     first = None

@@ -139,28 +139,28 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
                               for i in range(0, len(examples), data.batch_size)]
     (out / "data_report.json").write_text(json.dumps(reports, indent=2, default=str) + "\n")
 
-    proxy_bound = None
-    if strategy.name == "case1_constrained":
+    proxy_reference = None
+    if strategy.uses_proxy_reference:
         held = eval_batches.get(data.proxy) or [proxy_batches(0)]
-        proxy_bound = mean_loss(base_cfg, params, held) + strategy.epsilon
-        log.warning("case1_constrained: L_proxy(θ_aligned) + ε = %.4f", proxy_bound)
+        proxy_reference = mean_loss(base_cfg, params, held)
+        log.warning("%s: L_proxy(θ_aligned) = %.4f, the bound is that + ε", strategy.name, proxy_reference)
 
     tx = make_optimizer(job.optim, job.steps)
     if job.lora.enabled:
         lcfg = llama.LoraConfig(job.lora.rank, job.lora.alpha, tuple(job.lora.targets))
         cfg, full = lora_lib.add_adapters(base_cfg, params, lcfg, jax.random.key(job.seed))
         base, trainable = lora_lib.split(full)
-        frozen = step_lib.make_frozen(base=base, proxy_bound=proxy_bound)
+        frozen = step_lib.make_frozen(base=base, proxy_reference=proxy_reference)
         axes = lora_lib.split(llama.logical_axes(cfg))[1]
     else:
         cfg, trainable = base_cfg, params
         anchor = jax.tree.map(lambda x: x.copy(), params) if strategy.uses_anchor else None
-        frozen = step_lib.make_frozen(anchor=anchor, proxy_bound=proxy_bound)
+        frozen = step_lib.make_frozen(anchor=anchor, proxy_reference=proxy_reference)
         axes = llama.logical_axes(cfg)
 
     param_shardings = parallel.param_shardings(axes, trainable, mesh)
     state = step_lib.init_state(trainable, tx, strategy, seed=job.seed)
-    shardings = step_lib.state_shardings(state, param_shardings, mesh, tx)
+    shardings = step_lib.state_shardings(state, param_shardings, mesh, tx, strategy)
     state = jax.device_put(state, shardings)
     frozen_shardings = step_lib.frozen_shardings_for(frozen, base_cfg, mesh)
     step_fn = step_lib.jit_train_step(

@@ -1,12 +1,15 @@
-"""The train state and the pure, jitted train step.
+"""The train state and the pure, jitted train step, composed from safetrade/tradeoff pieces.
 
-    state = init_state(cfg, trainable, tx, strategy)
+    state = init_state(trainable, tx, strategy)
     step = make_train_step(cfg, tx, strategy, accum_steps=2, lora=False)   # (state, batch, frozen) -> (state, m)
-    jstep = jit_train_step(step, mesh, state, frozen)                      # explicit shardings, donated state
+    jstep = jit_train_step(step, mesh, state_shardings(state, shardings, mesh, tx, strategy), frozen_shardings)
 
-`trainable` is the full params tree (full fine-tuning) or the LoRA adapter tree (only adapters get gradients
-and optimizer state). `frozen` holds what the step reads but never updates: the LoRA base weights, the aligned
-anchor θ_s (Case II) and the proxy-loss bound L_s'(θ_s) + ε (case1_constrained).
+`strategy` is a safetrade.tradeoff config; its pieces wrap the optimiser `tx` as
+optax.chain(pieces.gradient, tx, pieces.constraint) and say what loss to descend: the step runs them and knows no
+strategy by name. `trainable` is the full params tree (full fine-tuning) or the LoRA adapter tree (only adapters get
+gradients and optimizer state; the Case II distance is then that of the merged update). `frozen` holds what the step
+reads but never updates: the LoRA base weights, the aligned anchor θ_s (Case II, full fine-tuning) and the
+reference loss L_s'(θ_s) (case1_constrained's bound is that + ε).
 
 A batch is {"cap": cap_batch, "proxy": proxy_batch}; each is {"input_ids", "attention_mask", "loss_mask"} of
 [accum_steps · micro, T]. Micro-batches are scanned and every loss is normalised by the token count of the whole
@@ -23,29 +26,34 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from safetrade import parallel
-from safetrade.models import llama
+from safetrade import parallel, tradeoff
+from safetrade.models import llama, lora as lora_lib
 from safetrade.models.llama import LlamaConfig, Params
-from safetrade.train import strategies
+from safetrade.tradeoff import StrategyConfig
+from safetrade.tradeoff.adapters import llama_lora
 from safetrade.train.losses import lm_loss_sum
-from safetrade.train.strategies import StrategyConfig
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
     params: Params  # the trainable tree: all params, or only the LoRA adapters
-    opt_state: Any
-    strategy: dict  # {"lam": multiplier}
+    opt_state: Any  # the state of optax.chain(strategy gradient piece, tx, strategy constraint piece); holds λ
     step: jax.Array  # int32 scalar
     rng: jax.Array  # uint32[2] raw key, for stochastic extensions (dropout, sampling during training)
 
 
+def strategy_tx(tx: optax.GradientTransformation, strategy: StrategyConfig, displacement=None):
+    """(the optimiser with the strategy's pieces around it, the pieces)."""
+    pieces = tradeoff.build(strategy, displacement)
+    return pieces.chain(tx), pieces
+
+
 def init_state(trainable: Params, tx: optax.GradientTransformation, strategy: StrategyConfig, seed: int = 0):
+    chain, _ = strategy_tx(tx, strategy)  # the pieces' states do not depend on the displacement hook
     return TrainState(
         params=trainable,
-        opt_state=tx.init(trainable),
-        strategy=strategies.init_state(strategy),
+        opt_state=chain.init(trainable),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
@@ -67,26 +75,29 @@ def _target_count(batch) -> jax.Array:
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, strategy: StrategyConfig, *,
                     accum_steps: int = 1, lora: bool = False):
     """Build the pure step function (state, batch, frozen) -> (state, metrics)."""
-    from safetrade.models import lora as lora_lib
+    lora_hook = llama_lora(cfg) if lora else None
+    chain, pieces = strategy_tx(tx, strategy, lora_hook)
+    uses_proxy = strategy.uses_proxy
 
     def full_params(trainable, frozen):
         return lora_lib.combine(frozen["base"], trainable) if lora else trainable
 
-    def displacement(trainable, frozen):
-        if lora:
-            return lora_lib.delta(cfg, full_params(trainable, frozen))
-        return jax.tree.map(lambda p, a: p.astype(jnp.float32) - a.astype(jnp.float32), trainable, frozen["anchor"])
+    def displacement(frozen):
+        """θ − θ_s for the distance metric: the merged LoRA update, or params − anchor when an anchor is given."""
+        if lora_hook is not None or "anchor" not in frozen:
+            return lora_hook
+        return tradeoff.anchored(frozen["anchor"])
 
     def step(state: TrainState, batch, frozen):
         n_cap = _target_count(batch["cap"])
-        n_proxy = _target_count(batch["proxy"]) if strategy.uses_proxy else 1.0
+        n_proxy = _target_count(batch["proxy"]) if uses_proxy else 1.0
         micro = _micro_batches(batch, accum_steps)
 
         def micro_loss(trainable, mb):
             params = full_params(trainable, frozen)
             cap = lm_loss_sum(cfg, params, mb["cap"])[0] / n_cap
-            proxy = lm_loss_sum(cfg, params, mb["proxy"])[0] / n_proxy if strategy.uses_proxy else 0.0
-            return strategies.objective(strategy, state.strategy, cap, proxy), (cap, proxy)
+            proxy = lm_loss_sum(cfg, params, mb["proxy"])[0] / n_proxy if uses_proxy else 0.0
+            return pieces.objective(cap, proxy, state.opt_state), (cap, proxy)
 
         def accumulate(carry, mb):
             grads, cap, proxy = carry
@@ -97,58 +108,43 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, strategy
         (grads, cap_loss, proxy_loss), _ = jax.lax.scan(
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro
         )
-        metrics = {"loss_cap": cap_loss, "lam": state.strategy["lam"],
+        hook = displacement(frozen)
+        metrics = {"loss_cap": cap_loss, **pieces.metrics(state.params, state.opt_state, hook),
                    "tokens": sum(b["attention_mask"].sum() for b in batch.values()).astype(jnp.float32)}
-        if strategy.uses_proxy:
+        if uses_proxy:
             metrics["loss_proxy"] = proxy_loss
-        if strategy.name == "case2_penalty":
-            def penalty(trainable):
-                return strategies.objective(strategy, state.strategy, 0.0,
-                                            displacement=displacement(trainable, frozen))
-            value, g = jax.value_and_grad(penalty)(state.params)
-            grads = jax.tree.map(jnp.add, grads, g)
-            metrics["penalty"] = value
 
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = chain.update(grads, state.opt_state, state.params, anchor=frozen.get("anchor"),
+                                          proxy_loss=proxy_loss, proxy_reference=frozen.get("proxy_reference"))
         params = optax.apply_updates(state.params, updates)
-        params = _constrain(params, frozen)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        if strategy.uses_anchor or lora:
-            metrics["distance"] = jnp.sqrt(strategies.sq_norm(displacement(params, frozen)))
-        new_strategy = strategies.dual_update(strategy, state.strategy, proxy_loss, frozen.get("proxy_bound", 0.0))
-        new_state = TrainState(params, opt_state, new_strategy, state.step + 1, state.rng)
-        return new_state, metrics
-
-    def _constrain(params, frozen):
-        if strategy.name != "case2_projection":
-            return params
-        if not lora:
-            return strategies.project_full(strategy, params, frozen["anchor"])
-        # The constraint is on the merged update ΔW = scale·A·B, linear in B: shrink B.
-        factors = strategies.ball_factors(strategy, displacement(params, frozen))
-        return lora_lib.scale_b(params, factors)
+        if hook is not None:
+            metrics["distance"] = optax.tree.norm(hook.of(params))
+        return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
     return step
 
 
-def make_frozen(base: Params | None = None, anchor: Params | None = None, proxy_bound: float | None = None):
+def make_frozen(base: Params | None = None, anchor: Params | None = None, proxy_reference: float | None = None):
     frozen: dict[str, Any] = {}
     if base is not None:
         frozen["base"] = base
     if anchor is not None:
         frozen["anchor"] = anchor
-    if proxy_bound is not None:
-        frozen["proxy_bound"] = jnp.asarray(proxy_bound, jnp.float32)
+    if proxy_reference is not None:
+        frozen["proxy_reference"] = jnp.asarray(proxy_reference, jnp.float32)
     return frozen
 
 
-def state_shardings(state: TrainState, param_shardings, mesh: Mesh, tx: optax.GradientTransformation):
-    """Shardings for every leaf of the state: optimizer moments follow their params; scalars are replicated."""
+def state_shardings(state: TrainState, param_shardings, mesh: Mesh, tx: optax.GradientTransformation,
+                    strategy: StrategyConfig):
+    """Shardings for every leaf of the state: optimizer moments follow their params; scalars (λ) are replicated."""
     rep = parallel.replicated(mesh)
-    opt = optax.tree_map_params(tx, lambda _, s: s, state.opt_state, param_shardings,
+    chain, _ = strategy_tx(tx, strategy)
+    opt = optax.tree_map_params(chain, lambda _, s: s, state.opt_state, param_shardings,
                                 transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
-    return TrainState(param_shardings, opt, jax.tree.map(lambda _: rep, state.strategy), rep, rep)
+    return TrainState(param_shardings, opt, rep, rep)
 
 
 def jit_train_step(step, mesh: Mesh | None, shardings: TrainState | None = None, frozen_shardings=None,
