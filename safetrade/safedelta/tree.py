@@ -10,8 +10,9 @@ against the paths of the leaves with at least two axes, a predicate over path st
 which also fixes the order: the per-kernel keys of ablation="random" are drawn in that order). Every other leaf
 comes from the aligned tree (official behaviour) or, with cfg.other_params="finetuned", from the fine-tuned one.
 
-`layout` says how a 2-D kernel maps inputs to outputs: "in_out" for y = x @ W (Flax, W [in, out]) or "out_in" for
-y = W x (torch, W [out, in]). The per-layer rules (layer.py) run on the [in, out] view either way, so an [out, in]
+`layout` says how a kernel maps inputs to outputs: "in_out" for y = x @ W (Flax, W [in, out]) or "out_in" for
+y = W x (torch, W [out, in]); a function of the path gives each kernel its own (a model mixing both). The
+per-layer rules (layer.py) run on the [in, out] view either way, so an [out, in]
 kernel gives the transposed result of its [in, out] transpose, bit for bit. Leading axes beyond the last two are
 layers ([L, in, out] with [L, in, in] Hessians; several leading axes are flattened into one), run through
 `lax.map` (cfg.layer_batch of them vmapped together).
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safetrade.safedelta.config import SafeDeltaConfig, SafeDeltaError, static_structure, traced_knobs
-from safetrade.safedelta.layer import stacked_layers
+from safetrade.safedelta.layer import apply_layer, stacked_layers
 
 LAYOUTS = ("in_out", "out_in")
 LORA_LEAVES = ("lora_a", "lora_b")  # compared case-insensitively, so PEFT's lora_A / lora_B count too
@@ -150,6 +151,18 @@ def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: st
     return w_a, w_f, hessian, lead, name
 
 
+def _run_rule(w_a, w_f, hessian, key, cfg: SafeDeltaConfig, stacked: bool):
+    """The per-layer rule on [L, in, out] kernels: lax.map over layers, or one plain call for a single kernel
+    (the program `apply_layer` runs, so a 2-D kernel costs no extra compilation). Stats come back on the host."""
+    if stacked:
+        keys = jax.random.split(key, w_a.shape[0])
+        kernel, stats = stacked_layers(w_a, w_f, hessian, keys, traced_knobs(cfg, w_a.shape), static_structure(cfg))
+    else:
+        kernel, stats = apply_layer(w_a[0], w_f[0], hessian[0], cfg, key)
+        kernel, stats = kernel[None], jax.tree.map(lambda v: jnp.asarray(v)[None], stats)
+    return kernel, jax.device_get(stats)
+
+
 def _layer_stats(stats: dict, stacked: bool) -> dict:
     """JSON-ready stats: lists over layers for a stacked kernel, plain numbers for a single one."""
     out = {}
@@ -161,7 +174,7 @@ def _layer_stats(stats: dict, stacked: bool) -> dict:
 
 
 def safe_delta(aligned, finetuned, hessians: Mapping[str, Any], cfg: SafeDeltaConfig = SafeDeltaConfig(), *,
-               kernels: Kernels = None, layout: str = "in_out") -> tuple[Any, dict]:
+               kernels: Kernels = None, layout: str | Callable[[str], str] = "in_out") -> tuple[Any, dict]:
     """Apply Safe Delta to the selected kernels of `finetuned`; returns (params, report).
 
     params has the structure of `aligned` (nested dicts, an nnx.State, any pytree); edited kernels keep their
@@ -169,41 +182,42 @@ def safe_delta(aligned, finetuned, hessians: Mapping[str, Any], cfg: SafeDeltaCo
     stats of layer.py (lists over layers for stacked kernels) and the Hessian's name; the damping fallbacks;
     the overall kept fraction. See the module docstring for `kernels` and `layout`.
     """
-    if layout not in LAYOUTS:
-        raise SafeDeltaError(f"layout={layout!r}; choose 'in_out' (y = x @ W) or 'out_in' (y = W x)")
+    layout_of = layout if callable(layout) else lambda path: layout
     leaves_a, treedef = leaves_by_path(aligned)
     leaves_f, _ = leaves_by_path(finetuned)
     _check_same_structure(leaves_a, leaves_f)
     chosen = select_kernels(leaves_a, hessians, kernels)
+    layouts = {path: layout_of(path) for path in chosen}
+    bad = {path: value for path, value in layouts.items() if value not in LAYOUTS}
+    if bad:
+        path = next(iter(bad))
+        raise SafeDeltaError(f"{path}: layout {bad[path]!r}; choose 'in_out' (y = x @ W) or 'out_in' (y = W x)")
     missing = [path for path in chosen if path not in hessians]
     if missing:  # before any layer is computed
         raise SafeDeltaError(f"no Hessian for {missing[0]}" + (f" (and {len(missing) - 1} more kernels)"
                              if len(missing) > 1 else "") + f"; have Hessians for {sorted(hessians)[:8]}")
     out = dict(leaves_a if cfg.other_params == "aligned" else leaves_f)
     base_key = jax.random.key(cfg.seed)
-    report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "layout": layout, "kernels": {},
+    report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "kernels": {},
                               "damping_fallbacks": []}
     kept_entries = total_entries = 0.0
 
     for index, path in enumerate(chosen):
-        w_a, w_f, hessian, lead, name = _checked_inputs(path, leaves_a[path], leaves_f[path], hessians, layout)
-        layers = w_a.shape[0]
-        keys = jax.random.split(jax.random.fold_in(base_key, index), layers)
-        new_kernel, stats = stacked_layers(w_a, w_f, hessian, keys, traced_knobs(cfg, w_a.shape),
-                                           static_structure(cfg))
-        stats = jax.device_get(stats)
+        w_a, w_f, hessian, lead, name = _checked_inputs(path, leaves_a[path], leaves_f[path], hessians,
+                                                        layouts[path])
+        new_kernel, stats = _run_rule(w_a, w_f, hessian, jax.random.fold_in(base_key, index), cfg, bool(lead))
         failed = _bad_layers(stats["factor_ok"])
         if failed:
             raise SafeDeltaError(
                 f"{path}: Hessian {name!r} could not be factorised in layer(s) {failed} even with damping "
                 f"{cfg.damp_limit} × mean(diag H); check the calibration activations"
             )
-        out[path] = _as_in_out(new_kernel.reshape(*lead, *new_kernel.shape[-2:]), layout)
+        out[path] = _as_in_out(new_kernel.reshape(*lead, *new_kernel.shape[-2:]), layouts[path])
         for layer, damping in enumerate(np.asarray(stats["damping"])):
             if damping > cfg.damp * (1 + 1e-6):
                 report["damping_fallbacks"].append({"kernel": path, "layer": layer if lead else None,
                                                     "damping": float(damping)})
-        report["kernels"][path] = {**_layer_stats(stats, bool(lead)), "hessian": name}
+        report["kernels"][path] = {**_layer_stats(stats, bool(lead)), "hessian": name, "layout": layouts[path]}
         kept_entries += float(np.sum(stats["kept_fraction"])) * w_a[0].size
         total_entries += w_a.size
 
