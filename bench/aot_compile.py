@@ -41,18 +41,18 @@ def main(argv=None) -> None:
     from safetrade.train import step as step_lib
     from safetrade.train.jobs import make_optimizer
     from safetrade.config import OptimSection
-    from safetrade.train.strategies import StrategyConfig
+    from safetrade.tradeoff import strategy_config
 
     cfg = llama.preset(args.preset).replace(dtype=args.dtype, remat=args.remat)
     mesh = parallel.make_mesh(-1, args.fsdp, args.tensor)
     tx = make_optimizer(OptimSection(lr=1e-5), 1000)
-    strategy = StrategyConfig("sft")
+    strategy = strategy_config("sft")
 
     abstract = llama.abstract_params(cfg)
     shardings = parallel.param_shardings(llama.logical_axes(cfg), abstract, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, strategy), params)
-    state_sh = step_lib.state_shardings(state, shardings, mesh, tx)
+    state_sh = step_lib.state_shardings(state, shardings, mesh, tx, strategy)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
     row = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=parallel.batch_sharding(mesh))
     batch = {"cap": {"input_ids": row, "attention_mask": row,

@@ -66,11 +66,11 @@ def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, l
     from safetrade.models import io, llama
     from safetrade.models import lora as lora_lib
     from safetrade.train import step as step_lib
-    from safetrade.train.strategies import StrategyConfig
+    from safetrade.tradeoff import strategy_config
 
     cfg, params = io.load_model(model, dtype=dtype)
     tx = optax.adamw(1e-5)
-    strategy = StrategyConfig("sft")
+    strategy = strategy_config("sft")
     frozen = {}
     if lora:
         cfg, params = lora_lib.add_adapters(cfg, params, llama.LoraConfig(8, 16.0, ("q_proj", "v_proj")),

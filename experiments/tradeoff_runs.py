@@ -72,8 +72,8 @@ def launch(aligned: str, run_dir: Path, base_config: str, overrides: list[str]) 
         return run_dir
     job = config.load(config.TrainJob, base_config,
                       [f"model.name={aligned}", f"out_dir={run_dir}", *SHORT_RUN, *overrides])
-    print(f"training {run_dir}: {job.strategy.name} lam={job.strategy.lam} radius={job.strategy.radius} "
-          f"proxy={job.data.proxy} steps={job.steps}", flush=True)
+    knobs = " ".join(f"{k}={v}" for k, v in config.to_dict(job.strategy).items() if k != "name")
+    print(f"training {run_dir}: {job.strategy.name} {knobs} proxy={job.data.proxy} steps={job.steps}", flush=True)
     summary = run_train_job(job)
     print(f"  done in {summary['seconds']:.0f} s", flush=True)
     return run_dir

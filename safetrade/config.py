@@ -155,7 +155,10 @@ def from_dict(cls, data: dict[str, Any], where: str = "config"):
         hint = hints[name]
         key = f"{where}.{name}" if where != "config" else name
         if hasattr(hint, "section_for"):  # a section whose data picks its class (the strategy, by name)
-            hint, value = hint.section_for(value, key)
+            try:
+                hint, value = hint.section_for(value, key)
+            except SafetradeError as err:
+                raise ConfigError(str(err)) from None
         kwargs[name] = from_dict(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
     try:
         return cls(**kwargs)

@@ -1,4 +1,5 @@
-"""Strategies against closed-form solutions on small convex problems, and their invariants in the LLM step."""
+"""The registry's strategies (the pieces the train step composes) against closed-form solutions on small convex
+problems."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from safetrade import tradeoff
 from safetrade.errors import SafetradeError
-from safetrade.train import strategies
-from safetrade.train.strategies import StrategyConfig
+from safetrade.tradeoff import strategy_config
 
 
 def quadratic_problem():
@@ -23,37 +24,38 @@ def quadratic_problem():
 
 
 def run_primal_dual(cfg, steps=4000, lr=0.05, bound=None, anchor=None):
-    """Plain gradient descent on the strategy's objective (+ projection, + dual ascent), scanned under jit."""
+    """Plain gradient descent on the strategy's objective inside optax.chain(gradient piece, sgd, constraint piece)
+    (+ projection, + dual ascent with reference L_proxy(θ_s) = bound, ε = 0), scanned under jit."""
     a, b, f, g = quadratic_problem()
-    tx = optax.sgd(lr)
+    pieces = tradeoff.build(cfg)
+    tx = pieces.chain(optax.sgd(lr))
 
     def one(carry, _):
-        params, opt, state = carry
-
-        def obj(p):
-            disp = jax.tree.map(jnp.subtract, p, anchor) if anchor is not None else None
-            return strategies.objective(cfg, state, f(p), g(p), disp)
-
-        updates, opt = tx.update(jax.grad(obj)(params), opt, params)
+        params, opt = carry
+        grads = jax.grad(lambda p: pieces.objective(f(p), g(p), opt))(params)
+        updates, opt = tx.update(grads, opt, params, anchor=anchor, proxy_loss=g(params), proxy_reference=bound)
         params = optax.apply_updates(params, updates)
-        if anchor is not None:
-            params = strategies.project_full(cfg, params, anchor)
-        violation = jnp.float32(0)
-        if bound is not None:
-            state = strategies.dual_update(cfg, state, g(params), bound)
-            violation = g(params) - bound
-        return (params, opt, state), violation
+        violation = g(params) - bound if bound is not None else jnp.float32(0)
+        return (params, opt), violation
 
     params = {"w": b}
-    init = (params, tx.init(params), strategies.init_state(cfg))
-    (params, _, state), violations = jax.jit(lambda c: jax.lax.scan(one, c, None, length=steps))(init)
-    return params, state, np.asarray(violations)
+    init = (params, tx.init(params))
+    (params, opt), violations = jax.jit(lambda c: jax.lax.scan(one, c, None, length=steps))(init)
+    lam = tradeoff.current_lambda(opt) if cfg.uses_proxy_reference else None
+    return params, lam, np.asarray(violations)
+
+
+def project(params, anchor, **kw):
+    """Where case2_projection sends params that the optimiser leaves in place (a zero update)."""
+    tx = tradeoff.case2_projection(anchor, **kw)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    return optax.apply_updates(params, updates)
 
 
 def test_case1_penalty_reaches_the_weighted_average():
     a, b, _, _ = quadratic_problem()
     lam = 3.0
-    params, _, _ = run_primal_dual(StrategyConfig("case1_penalty", lam=lam))
+    params, _, _ = run_primal_dual(strategy_config("case1_penalty", lam=lam))
     np.testing.assert_allclose(params["w"], (a + lam * b) / (1 + lam), atol=1e-5)
 
 
@@ -63,18 +65,18 @@ def test_case1_constrained_matches_kkt_closed_form():
     c = 0.5
     lam_star = float(jnp.linalg.norm(a - b) / np.sqrt(2 * c) - 1)
     assert lam_star > 0
-    cfg = StrategyConfig("case1_constrained", lam=0.0, dual_lr=0.05)
-    params, state, violations = run_primal_dual(cfg, steps=6000, bound=c)
-    assert abs(float(state["lam"]) - lam_star) < 1e-3
+    cfg = strategy_config("case1_constrained", lam=0.0, dual_lr=0.05)
+    params, lam, violations = run_primal_dual(cfg, steps=6000, bound=c)
+    assert abs(float(lam) - lam_star) < 1e-3
     np.testing.assert_allclose(params["w"], (a + lam_star * b) / (1 + lam_star), atol=1e-4)
     assert abs(violations[-1]) < 1e-5 and violations.max() > 0.5  # was driven infeasible, then back to the boundary
 
 
 def test_case1_constrained_inactive_constraint_leaves_lambda_at_zero():
     a, b, _, _ = quadratic_problem()
-    cfg = StrategyConfig("case1_constrained", lam=0.0, dual_lr=0.05)
-    params, state, _ = run_primal_dual(cfg, steps=2000, bound=100.0)
-    assert float(state["lam"]) == 0.0
+    cfg = strategy_config("case1_constrained", lam=0.0, dual_lr=0.05)
+    params, lam, _ = run_primal_dual(cfg, steps=2000, bound=100.0)
+    assert float(lam) == 0.0
     np.testing.assert_allclose(params["w"], a, atol=1e-5)
 
 
@@ -83,7 +85,7 @@ def test_case2_projection_matches_closed_form(per_tensor):
     """min ½‖θ−a‖² s.t. ‖θ−b‖ ≤ r: θ* = b + r·(a−b)/‖a−b‖ (projection of a onto the ball)."""
     a, b, _, _ = quadratic_problem()
     r = 0.7
-    cfg = StrategyConfig("case2_projection", radius=r, per_tensor=per_tensor)
+    cfg = strategy_config("case2_projection", radius=r, per_tensor=per_tensor)
     params, _, _ = run_primal_dual(cfg, anchor={"w": b})
     np.testing.assert_allclose(params["w"], b + r * (a - b) / jnp.linalg.norm(a - b), atol=1e-5)
 
@@ -91,22 +93,22 @@ def test_case2_projection_matches_closed_form(per_tensor):
 def test_case2_penalty_matches_closed_form():
     a, b, _, _ = quadratic_problem()
     mu = 4.0
-    params, _, _ = run_primal_dual(StrategyConfig("case2_penalty", mu=mu), anchor={"w": b})
+    params, _, _ = run_primal_dual(strategy_config("case2_penalty", mu=mu), anchor={"w": b})
     np.testing.assert_allclose(params["w"], (a + mu * b) / (1 + mu), atol=1e-5)
 
 
 def test_projection_global_vs_per_tensor():
     anchor = {"x": jnp.zeros(2), "y": jnp.zeros(1)}
     params = {"x": jnp.asarray([3.0, 4.0]), "y": jnp.asarray([0.5])}
-    glob = strategies.project_full(StrategyConfig("case2_projection", radius=1.0), params, anchor)
-    assert abs(float(jnp.sqrt(strategies.sq_norm(glob))) - 1.0) < 1e-6
-    per = strategies.project_full(StrategyConfig("case2_projection", radius=1.0, per_tensor=True), params, anchor)
+    glob = project(params, anchor, radius=1.0)
+    assert abs(float(optax.tree.norm(glob)) - 1.0) < 1e-6
+    per = project(params, anchor, radius=1.0, per_tensor=True)
     np.testing.assert_allclose(per["x"], [0.6, 0.8], atol=1e-6)
     np.testing.assert_allclose(per["y"], [0.5])  # already inside its own ball
 
 
 def test_bad_strategy_config():
     with pytest.raises(SafetradeError, match="unknown strategy 'case3'"):
-        StrategyConfig("case3")
+        strategy_config("case3")
     with pytest.raises(SafetradeError, match="radius must be >= 0"):
-        StrategyConfig("case2_projection", radius=-1.0)
+        strategy_config("case2_projection", radius=-1.0)

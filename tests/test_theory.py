@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -488,7 +489,7 @@ def test_case1_trends_over_lambda_proxy_similarity_and_overlap():
 
 
 def test_case2_projected_descent_stays_in_ball_obeys_bounds_and_trades_worse_than_case1():
-    from safetrade.train import strategies
+    from safetrade import tradeoff
 
     pr = synthetic.make_problem(overlap=0.5, proxy_shift=0.0, seed=2)
     radii = np.array([0.1, 0.3, 1.0, 3.0])
@@ -498,12 +499,13 @@ def test_case2_projected_descent_stays_in_ball_obeys_bounds_and_trades_worse_tha
             run = synthetic.case2_projected_descent(pr, float(r))
             assert run.residual <= 1e-9
             assert np.linalg.norm(run.theta - pr.theta_aligned) <= r * (1 + 1e-12)
-    # the projection rule is the training code's (strategies.project_full, one global ball)
+    # the projection rule is the training code's (tradeoff.case2_projection, one global ball)
     anchor = jnp.asarray(pr.theta_aligned, jnp.float32)
     outside = anchor + jnp.asarray(np.random.default_rng(0).normal(size=anchor.shape), jnp.float32)
     for r in (0.5, 100.0):
-        cfg = strategies.StrategyConfig(name="case2_projection", radius=r)
-        expected = strategies.project_full(cfg, {"t": outside}, {"t": anchor})["t"]
+        tx = tradeoff.case2_projection({"t": anchor}, r)
+        updates, _ = tx.update({"t": jnp.zeros_like(outside)}, tx.init({"t": outside}), {"t": outside})
+        expected = optax.apply_updates({"t": outside}, updates)["t"]
         np.testing.assert_allclose(np.asarray(synthetic.project_to_ball(outside, anchor, r)), np.asarray(expected),
                                    atol=1e-6)
     curve = comparison.case2

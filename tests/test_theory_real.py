@@ -10,7 +10,7 @@ import pytest
 
 from safetrade import cli, config
 from safetrade.models import io, llama
-from safetrade.train.strategies import StrategyConfig
+from safetrade.tradeoff import strategy_config
 from theory import bounds, check
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,9 +74,9 @@ def tiny_runs(tmp_path_factory, smollm2_gguf):
     io.save_hf(root / "align" / "hf", cfg, aligned, tokenizer=tok)
     config.save(config.TrainJob(data=config.DataSection(eval_rows=8)), root / "align" / "config.yaml")
     noise = llama.init(cfg, jax.random.key(1))
-    runs = {"lam1": (StrategyConfig(name="case1_penalty", lam=1.0), 0.02),
-            "lam4": (StrategyConfig(name="case1_penalty", lam=4.0), 0.01),
-            "r": (StrategyConfig(name="case2_projection", radius=1.0), 0.005)}
+    runs = {"lam1": (strategy_config("case1_penalty", lam=1.0), 0.02),
+            "lam4": (strategy_config("case1_penalty", lam=4.0), 0.01),
+            "r": (strategy_config("case2_projection", radius=1.0), 0.005)}
     for name, (strategy, scale) in runs.items():
         params = jax.tree.map(lambda a, n, s=scale: a + s * n, aligned, noise)
         io.save_hf(root / name / "hf", cfg, params, tokenizer=tok)

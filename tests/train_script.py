@@ -41,17 +41,17 @@ def main(argv=None) -> None:
     from safetrade import parallel
     from safetrade.models import llama
     from safetrade.train import loop, step as step_lib
-    from safetrade.train.strategies import StrategyConfig
+    from safetrade.tradeoff import strategy_config
     from tests.test_train import CFG, batches
 
     mesh = parallel.make_mesh(data=-1, fsdp=2, tensor=1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
-    strategy = StrategyConfig("case1_penalty", lam=0.5)
+    strategy = strategy_config("case1_penalty", lam=0.5)
     params = llama.init(CFG, jax.random.key(0))
     shard = parallel.param_shardings(llama.logical_axes(CFG), params, mesh)
     params = jax.device_put(params, shard)
     state = step_lib.init_state(params, tx, strategy)
-    shardings = step_lib.state_shardings(state, shard, mesh, tx)
+    shardings = step_lib.state_shardings(state, shard, mesh, tx, strategy)
     state = jax.device_put(state, shardings)
     fn = step_lib.jit_train_step(step_lib.make_train_step(CFG, tx, strategy), mesh, shardings, {})
 

@@ -8,7 +8,7 @@ quadratic in a test and on a sharded LLM (each leaf keeps its sharding).
 
 Conventions
 - Distances and norms are the global Euclidean norm over all leaves, ‖θ‖² = Σ_leaves Σ θ², computed in (at least)
-  float32, exactly as safetrade.train.strategies measures ‖θ − θ_aligned‖ for the Case II ball.
+  float32, exactly as safetrade/tradeoff/case2.py measures ‖θ − θ_aligned‖ for the Case II ball.
 - Direction vectors are kept in the accumulation dtype (float32 for bf16/float32 params, float64 under x64) and are
   cast to each leaf's dtype only where jax.jvp requires it, so for bf16 params the HVP itself is a bf16 computation.
 - `loss_fn` is a static argument of the jitted internals: pass the *same* function object on repeated calls, or each

@@ -138,7 +138,7 @@ class DescentResult:
 
 
 def project_to_ball(theta, anchor, radius):
-    """Euclidean projection onto {‖θ − anchor‖₂ ≤ r}: the rule of safetrade.train.strategies.project_full (one
+    """Euclidean projection onto {‖θ − anchor‖₂ ≤ r}: the rule of safetrade.tradeoff.case2_projection (one
     global ball), shrinking the displacement radially when it is outside."""
     d = theta - anchor
     norm = jnp.sqrt(jnp.sum(d * d))

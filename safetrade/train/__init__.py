@@ -1,1 +1,1 @@
-"""Training: losses, safety-aware strategies (sft, Case I, Case II), the pure train step, and the loop."""
+"""Training: losses, the pure train step (composed from safetrade/tradeoff's strategy pieces), the loop, jobs."""
