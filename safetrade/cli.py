@@ -39,6 +39,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default: 0)")
 
 
+def _add_config_args(p: argparse.ArgumentParser, job: str, example: str) -> None:
+    """KEY=VALUE overrides, --config and --print-config of a job config resolved by safetrade.config.load."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"{job} fields, e.g. {example}")
+    p.add_argument("--config", type=Path, default=None, help=f"YAML file of {job} fields")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safetrade", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,9 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Settings are KEY=VALUE fields of safetrade.sqsd.job.SQSDJob, the scorer's under sqsd., e.g. "
                     "model=runs/align/hf initial=A danger=D safety=S pool=capability n=200 sqsd.metric=projection "
                     "sqsd.batch_size=4 sqsd.max_len=512 out=runs/sqsd/scores.jsonl.")
-    sq.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SQSDJob fields, e.g. method=random n=20")
-    sq.add_argument("--config", type=Path, default=None, help="YAML file of SQSDJob fields")
-    sq.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_config_args(sq, "SQSDJob", "method=random n=20 sqsd.batch_size=4")
 
     demo = sub.add_parser(
         "demo", help="the main job: align, attack, fine-tune, Case I/II, Safe Delta, SQSD, bounds (cached stages)",

@@ -230,7 +230,7 @@ class Directions:
         modules = {}
         for module, site in sites.items():
             kernels = []
-            for name, tree in (("base", base), ("tuned", tuned)):
+            for name, tree in (("base params", base), ("tuned params", tuned)):
                 try:
                     kernels.append(leaf(tree, site.path, name))
                 except PathError as err:

@@ -3,8 +3,9 @@
     leaves_by_path({"hidden": {"kernel": w, "bias": b}})     # {"hidden/bias": b, "hidden/kernel": w}
     with_leaves(params, {"hidden/kernel": w2})               # a new tree, that one leaf replaced
 
-Dict keys, attribute names (dataclass / NNX fields) and sequence indices all become path parts, so the same
-strings name a leaf whether params are nested dicts, an `nnx.State` or a registered dataclass.
+Dict keys, attribute names (dataclass / NNX fields) and sequence indices all become path parts, and the `.value`
+under an NNX Variable is left out, so the same strings name a leaf whether params are nested dicts (e.g.
+`nnx.to_pure_dict`), an `nnx.State` or a registered dataclass.
 """
 
 from __future__ import annotations
@@ -26,16 +27,14 @@ class PathError(SafetradeError, KeyError):
         return str(self.args[0])
 
 
-def key_name(key) -> str:
-    """The path part of one jax key entry (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def _is_variable_value(key) -> bool:
+    """The `.value` entry under an NNX Variable: not part of the name a user sees ("hidden/kernel")."""
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
 
 
 def path_string(key_path) -> str:
-    return SEP.join(key_name(k) for k in key_path)
+    """'a/b/c' for a jax key path (dict keys, attribute names and indices alike)."""
+    return jax.tree_util.keystr(tuple(k for k in key_path if not _is_variable_value(k)), simple=True, separator=SEP)
 
 
 def leaves_by_path(tree) -> dict[str, Any]:
