@@ -179,6 +179,15 @@ def test_sites_from_a_function_and_an_aligned_sample_ranks_first(setup):
     assert sqsd.rank_windows(scores, n_windows=7, window_size=1)[0][0] == row
 
 
+def test_an_nnx_state_is_addressed_by_the_same_paths_as_its_pure_dict(setup):
+    params, danger, _, examples, _ = setup
+    state = nnx.split(Net(jax.random.key(1)), nnx.Param)[1]  # the same weights as `params`, as an nnx.State
+    assert sorted(sqsd.leaves_by_path(state)) == sorted(sqsd.leaves_by_path(params))
+    from_dict = sqsd.score_samples(loss_fn, params, examples, danger, sites=SITES).score
+    from_state = sqsd.score_samples(loss_fn, state, examples, danger, sites=SITES).score
+    np.testing.assert_array_equal(from_state, from_dict)  # the same program on the same numbers
+
+
 def test_a_direction_or_site_whose_path_does_not_exist_is_an_error_naming_it(setup):
     params, danger, _, examples, _ = setup
     typo = {**SITES, "encoder": sqsd.LoraSite("encoder/lora_dwn", "encoder/lora_up")}
