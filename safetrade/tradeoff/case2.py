@@ -46,10 +46,9 @@ def ball_factors(displacement, radius: float, per_tensor: bool = False):
     return jax.tree.map(lambda _: shrink, displacement)
 
 
-def case2_projection(anchor, radius: float, *, per_tensor: bool = False,
-                     displacement: Displacement | None = None) -> optax.GradientTransformationExtraArgs:
-    """Keep ‖θ − anchor‖₂ ≤ radius after every update (last in `optax.chain`; `update` needs `params`)."""
-    _check_knob("radius", radius, "case2_projection")
+def _with_displacement(what: str, anchor, displacement: Displacement | None, apply
+                       ) -> optax.GradientTransformationExtraArgs:
+    """A stateless transform whose update is apply(updates, params, hook), the hook resolved for each update."""
 
     def init(params):
         del params
@@ -57,15 +56,26 @@ def case2_projection(anchor, radius: float, *, per_tensor: bool = False,
 
     def update(updates, state, params=None, **extra_args):
         if params is None:
-            raise SafetradeError("case2_projection needs the params: tx.update(updates, state, params)")
-        hook = resolve(displacement, anchor if anchor is not None else extra_args.get("anchor"), "case2_projection")
+            raise SafetradeError(f"{what} needs the params: tx.update(updates, state, params)")
+        hook = resolve(displacement, anchor if anchor is not None else extra_args.get("anchor"), what)
+        return apply(updates, params, hook), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def case2_projection(anchor, radius: float, *, per_tensor: bool = False,
+                     displacement: Displacement | None = None) -> optax.GradientTransformationExtraArgs:
+    """Keep ‖θ − anchor‖₂ ≤ radius after every update (last in `optax.chain`; `update` needs `params`)."""
+    _check_knob("radius", radius, "case2_projection")
+
+    def project(updates, params, hook):
         stepped = optax.apply_updates(params, updates)
         projected = hook.scale(stepped, ball_factors(hook.of(stepped), radius, per_tensor))
         # apply_updates(params, projected − params) is `projected` wherever the subtraction is exact (Sterbenz:
-        # projected within a factor 2 of params, i.e. almost always for one step); elsewhere within an ulp.
-        return jax.tree.map(lambda q, p: q - p, projected, params), state
+        # projected within a factor 2 of params, as for most entries after one step); elsewhere within an ulp.
+        return jax.tree.map(lambda q, p: q - p, projected, params)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _with_displacement("case2_projection", anchor, displacement, project)
 
 
 def case2_penalty(anchor, mu: float, *, displacement: Displacement | None = None
@@ -73,18 +83,10 @@ def case2_penalty(anchor, mu: float, *, displacement: Displacement | None = None
     """Add ∇(μ/2)‖θ − anchor‖₂² to the gradient (first in `optax.chain`, before the optimiser; needs `params`)."""
     _check_knob("mu", mu, "case2_penalty")
 
-    def init(params):
-        del params
-        return optax.EmptyState()
+    def pull(updates, params, hook):
+        return jax.tree.map(jnp.add, updates, jax.grad(lambda p: penalty_value(hook, p, mu))(params))
 
-    def update(updates, state, params=None, **extra_args):
-        if params is None:
-            raise SafetradeError("case2_penalty needs the params: tx.update(grads, state, params)")
-        hook = resolve(displacement, anchor if anchor is not None else extra_args.get("anchor"), "case2_penalty")
-        pull = jax.grad(lambda p: penalty_value(hook, p, mu))(params)
-        return jax.tree.map(jnp.add, updates, pull), state
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _with_displacement("case2_penalty", anchor, displacement, pull)
 
 
 def penalty_value(hook: Displacement, params, mu: float) -> jax.Array:
