@@ -19,9 +19,10 @@ import jax
 import optax
 
 from safetrade import config as config_lib, parallel
+from safetrade.data import bucket_lengths, encode_rows, epoch_batches, host_slice, make_batch, num_batches
 from safetrade.data.sets import held_out, rows_for
 from safetrade.errors import SafetradeError
-from safetrade.models import io, llama
+from safetrade.models import io, llama, lora as lora_lib
 from safetrade.train import loop, step as step_lib
 from safetrade.train.losses import lm_loss_sum
 
@@ -55,8 +56,6 @@ class Batches:
     """batch(k) for step k, a pure function of k: epoch k // per_epoch, shuffled from (seed, epoch)."""
 
     def __init__(self, examples, batch_size: int, seed: int, pad_id: int, max_len: int, group_by_length: bool):
-        from safetrade.data import bucket_lengths, num_batches
-
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
         self.group_by_length = group_by_length
         self.buckets = bucket_lengths(max_len)
@@ -66,8 +65,6 @@ class Batches:
         self._epoch, self._cache = None, []
 
     def __call__(self, k: int):
-        from safetrade.data import epoch_batches
-
         epoch, index = divmod(k, self.per_epoch)
         if epoch != self._epoch:
             self._cache = list(epoch_batches(self.examples, self.batch_size, epoch=epoch, seed=self.seed,
@@ -78,8 +75,6 @@ class Batches:
 
 
 def _encode(tokenizer, rows, data: config_lib.DataSection, name: str, reports: dict):
-    from safetrade.data import encode_rows
-
     examples, report = encode_rows(tokenizer, rows, max_len=data.max_len, policy=data.bad_rows, dataset=name)
     reports[name] = {"total": report.total, "kept": report.kept, "truncated": report.truncated,
                      "dropped": {str(reason): n for reason, n in report.counts.items()},
@@ -99,9 +94,7 @@ def mean_loss(cfg, params, batches) -> float:
 
 
 def run_train_job(job: config_lib.TrainJob) -> dict:
-    from safetrade.data import make_batch
-    from safetrade.models import lora as lora_lib
-    from safetrade.tokenizer import load_tokenizer
+    from safetrade.tokenizer import load_tokenizer  # transformers: 1.6 s at import, only when a job runs
 
     parallel.initialize_distributed()
     out = Path(job.out_dir)
@@ -202,7 +195,5 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
 
 
 def _host_rows(batch):
-    from safetrade.data import host_slice
-
     return host_slice(batch, jax.process_index(), jax.process_count())
 
