@@ -19,7 +19,8 @@ DEFAULT_STRATEGIES = ("sft", "case1_penalty:lam=1.0", "case2_projection:radius=1
 
 
 def parse_strategy(text: str) -> tuple[str, list[str]]:
-    """'case1_penalty:lam=1.0,dual_lr=0.1' -> ('case1_penalty', ['strategy.name=...', 'strategy.lam=1.0', ...])."""
+    """'case1_constrained:epsilon=0.1,dual_lr=0.1' -> ('case1_constrained', ['strategy.name=...',
+    'strategy.epsilon=0.1', ...]) (each strategy takes only its own knobs: docs/training.md)."""
     name, _, params = text.partition(":")
     overrides = [f"strategy.name={name}"] + [f"strategy.{kv}" for kv in params.split(",") if kv]
     return name + ("-" + params.replace(",", "-").replace("=", "") if params else ""), overrides
