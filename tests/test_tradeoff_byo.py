@@ -362,3 +362,19 @@ def test_registry_configs_round_trip_and_old_saved_configs_still_load(tmp_path):
     (tmp_path / "old.yaml").write_text(f"strategy: {old}\n")
     assert config.load(config.TrainJob, tmp_path / "old.yaml").strategy == tradeoff.Case2Projection(radius=0.5,
                                                                                                      per_tensor=True)
+
+
+def test_lora_by_path_reads_an_nnx_state_as_its_pure_dict():
+    """The same path strings name the adapters in an nnx.State (Variables) and in its pure dict; same projection."""
+    model = LoraNet(rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    moved = jax.tree.map(lambda x: x + 0.05, state)
+    as_dict = nnx.to_pure_dict(moved)
+    tx = tradeoff.case2_projection(None, 0.01, displacement=by_path_hook())
+    zeros = jax.tree.map(jnp.zeros_like, moved)
+    on_state = optax.apply_updates(moved, tx.update(zeros, tx.init(moved), moved)[0])
+    on_dict = optax.apply_updates(as_dict, tx.update(jax.tree.map(jnp.zeros_like, as_dict), tx.init(as_dict),
+                                                     as_dict)[0])
+    np.testing.assert_array_equal(flat(nnx.to_pure_dict(on_state)), flat(on_dict))
+    assert np.linalg.norm(np.concatenate([d.ravel() for d in merged_deltas_by_hand(on_dict).values()])) <= 0.01 * (
+        1 + BALL_RTOL)

@@ -10,8 +10,9 @@ With LoRA the model is W + ΔW, ΔW = s·A·B ([in, out] kernels) or s·B·A (to
 ΔW = 0, so the displacement is the merged update itself and the anchor is implicit. ΔW is linear in B: scaling B
 by f scales ΔW by exactly f, which is how a LoRA run is brought back inside the ball without touching A.
 
-Paths are the leaves' key paths joined with "/", as jax flattens the tree: "hidden/kernel" in a nested dict (e.g.
-`nnx.to_pure_dict(state)`), "hidden/kernel/value" in an `nnx.State` of Variables.
+Paths are the leaves' key paths joined with "/" ("hidden/kernel"), the `.value` under an NNX Variable left out: the
+same string names a leaf of a nested dict (e.g. `nnx.to_pure_dict(state)`) and of the `nnx.State` itself, as in
+safetrade's other packages.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Displacement:
 
 
 def path_of(key_path) -> str:
-    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
+    named = tuple(k for k in key_path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
+    return jax.tree_util.keystr(named, simple=True, separator="/")
 
 
 def leaves_by_path(tree) -> dict[str, Any]:
