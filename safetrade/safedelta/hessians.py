@@ -202,6 +202,8 @@ def collect_hessians(model_or_apply_fn, params, batches: Iterable, *, call: Call
         graphdef, own, *rest = nnx.split(target, nnx.Param, ...)
         target, params = graphdef, own if params is None else params
         rest = tuple(rest)
+    elif isinstance(target, nnx.GraphDef) and params is None:
+        raise SafeDeltaError("collect_hessians: a GraphDef needs the params to merge it with")
     elif target is None and inputs_fn is None:
         raise SafeDeltaError("collect_hessians needs a model, an apply_fn or inputs_fn")
     elif not isinstance(target, nnx.GraphDef) and target is not None and not callable(target):

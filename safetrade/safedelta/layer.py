@@ -155,23 +155,21 @@ def _lazy_obs_pass(w_block, w_sft_block, u_block, mask, group: int, compensate):
     u = jnp.eye(padded, dtype=jnp.float32).at[:count, :count].set(u_block)
     d = jnp.diagonal(u)
 
+    def columns(x, start, count):
+        return jax.lax.dynamic_slice_in_dim(x, start, count, axis=1)
+
     def sub_block(pending, k):
         first = k * sub
-        w_sub = jax.lax.dynamic_slice_in_dim(w, first, sub, axis=1)
-        w_sub = w_sub - jax.lax.dynamic_slice_in_dim(pending, first, sub, axis=1)
-        target_sub = jax.lax.dynamic_slice_in_dim(w_sft, first, sub, axis=1)
-        sel_sub = jax.lax.dynamic_slice_in_dim(sel, first, sub, axis=1)
+        w_sub = columns(w, first, sub) - columns(pending, first, sub)
+        target_sub, sel_sub = columns(w_sft, first, sub), columns(sel, first, sub)
         d_sub = jax.lax.dynamic_slice_in_dim(d, first, sub)
         u_rows = jax.lax.dynamic_slice_in_dim(u, first, sub, axis=0)  # [sub, padded]
-        u_sub = jax.lax.dynamic_slice_in_dim(u_rows, first, sub, axis=1)  # [sub, sub]
+        u_sub = columns(u_rows, first, sub)  # [sub, sub]
 
         def step(local, g):
             start = g * group
-            cols = jax.lax.dynamic_slice_in_dim(w_sub, start, group, axis=1)
-            cols = cols - jax.lax.dynamic_slice_in_dim(local, start, group, axis=1)
-            target = jax.lax.dynamic_slice_in_dim(target_sub, start, group, axis=1)
-            chosen = jax.lax.dynamic_slice_in_dim(sel_sub, start, group, axis=1)
-            q = jnp.where(chosen, target, cols)
+            cols = columns(w_sub, start, group) - columns(local, start, group)
+            q = jnp.where(columns(sel_sub, start, group), columns(target_sub, start, group), cols)
             err = (cols - q) / jax.lax.dynamic_slice_in_dim(d_sub, start, group)
             u_group = jax.lax.dynamic_slice_in_dim(u_sub, start, group, axis=0)
             # U is upper triangular: earlier columns receive nothing; the group's own columns receive an update
