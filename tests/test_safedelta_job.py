@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from safetrade import cli
 from safetrade.models import io, llama, lora
@@ -73,8 +74,6 @@ def test_safedelta_command_names_a_mismatched_checkpoint(pair, tmp_path, capsys)
 def test_method_knobs_bare_or_nested_reach_the_nested_config(capsys):
     """Every SafeDeltaConfig knob is settable as a bare or a `safedelta.`-dotted override; a job field of the same
     name (seed) stays the job's; a typo or an invalid value is an error naming the key."""
-    import yaml
-
     assert cli.main(["safedelta", "damp=0.05", "block_size=512", "safedelta.exclude_frac=0.1", "lazy_group=8",
                      "layer_batch=2", "mode=paper", "ablation=magnitude", "seed=3", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
