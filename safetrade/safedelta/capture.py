@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safetrade.paths import leaves_by_path
 from safetrade.safedelta.config import SafeDeltaError
 from safetrade.safedelta.factor import HIGHEST
-from safetrade.safedelta.tree import leaves_by_path
 
 _LETTERS = "abcdefghklmnopqrstuvw"  # einsum axis names for stacked and batch axes (x, y, z name features)
 KERNEL_ATTRIBUTES = ("kernel", "weight")  # where a linear-like module keeps its matrix
@@ -113,7 +113,7 @@ class Capture:
     """
 
     def __init__(self, params, weight, selected: Callable[[str], bool], classes: Sequence[type]):
-        leaves, _ = leaves_by_path(params)
+        leaves = leaves_by_path(params)
         self.root = _Frame()
         self.root.paths = {id(leaf): path for path, leaf in leaves.items()}
         self.root.keep_alive = list(leaves.values())

@@ -36,10 +36,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from safetrade.safedelta.capture import KERNEL_ATTRIBUTES, Capture, input_gram
+from safetrade.paths import leaves_by_path
+from safetrade.safedelta.capture import Capture, input_gram, KERNEL_ATTRIBUTES
 from safetrade.safedelta.config import SafeDeltaError
 from safetrade.safedelta.factor import HIGHEST
-from safetrade.safedelta.tree import leaves_by_path
 
 CACHE_VERSION = "safetrade-safedelta-hessians-v2"
 # Modules with a `kernel` that are not y = x @ W over the last axis of their first argument: capture them with
@@ -159,7 +159,7 @@ class _Step:
 
 def _grams_of_inputs(inputs: Mapping[str, Any], params, weight, selected) -> tuple[dict, dict]:
     """inputs_fn's activations -> (Grams by group, kernel path -> group); the same array object is one group."""
-    leaves, _ = leaves_by_path(params)
+    leaves = leaves_by_path(params)
     grams, names, first = {}, {}, {}
     for path, x in inputs.items():
         if path not in leaves:
@@ -252,7 +252,7 @@ def _describe(target, call, inputs_fn, cache_key: str) -> str:
 
 
 def _digest_tree(digest, tree, label: str) -> None:
-    leaves, _ = leaves_by_path(tree)
+    leaves = leaves_by_path(tree)
     for path in sorted(leaves):
         host = np.ascontiguousarray(np.asarray(jax.device_get(leaves[path])))
         digest.update(f"{label}/{path}:{host.dtype}:{host.shape}".encode())

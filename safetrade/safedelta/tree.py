@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safetrade.paths import leaves_by_path, path_string
 from safetrade.safedelta.config import SafeDeltaConfig, SafeDeltaError, static_structure, traced_knobs
 from safetrade.safedelta.layer import apply_layer, stacked_layers
 
@@ -36,32 +37,6 @@ LAYOUTS = ("in_out", "out_in")
 LORA_LEAVES = ("lora_a", "lora_b")  # compared case-insensitively, so PEFT's lora_A / lora_B count too
 
 Kernels = str | re.Pattern | Callable[[str], bool] | Sequence[str] | None
-
-
-def key_name(key) -> str:
-    """One path entry as text: a dict key, a sequence index or an attribute name."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_string(path) -> str:
-    """'a/b/c' for a jax key path; the `.value` attribute of an NNX Variable leaf is dropped."""
-    parts = [key for key in path if not (isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value")]
-    return "/".join(key_name(key) for key in parts)
-
-
-def leaves_by_path(tree) -> tuple[dict[str, Any], Any]:
-    """({path string: leaf}, treedef), paths in the tree's flattening order."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = {}
-    for path, leaf in flat:
-        name = path_string(path)
-        if name in leaves:
-            raise SafeDeltaError(f"two leaves share the path string {name!r}; rename one of them")
-        leaves[name] = leaf
-    return leaves, treedef
 
 
 def _check_same_structure(aligned: dict, finetuned: dict) -> None:
@@ -183,8 +158,8 @@ def safe_delta(aligned, finetuned, hessians: Mapping[str, Any], cfg: SafeDeltaCo
     the overall kept fraction. See the module docstring for `kernels` and `layout`.
     """
     layout_of = layout if callable(layout) else lambda path: layout
-    leaves_a, treedef = leaves_by_path(aligned)
-    leaves_f, _ = leaves_by_path(finetuned)
+    leaves_a, treedef = leaves_by_path(aligned), jax.tree.structure(aligned)
+    leaves_f = leaves_by_path(finetuned)
     _check_same_structure(leaves_a, leaves_f)
     chosen = select_kernels(leaves_a, hessians, kernels)
     layouts = {path: layout_of(path) for path in chosen}

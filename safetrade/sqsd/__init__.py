@@ -5,7 +5,7 @@
     scores = sqsd.score_samples(loss_fn, params, examples, directions, sites=sites)
     windows = sqsd.rank_windows(scores, n_windows=5)
 
-Modules: paths (leaves by path string) | directions (directions, LoRA / kernel sites, PEFT reading) | updates
+Modules: directions (directions, LoRA / kernel sites, PEFT reading) | updates
 (vmapped per-example gradients, rank-space algebra) | samples (examples -> batches, SampleScores) | scores (Probe,
 score_probes, score_samples) | baselines (He et al. gradient and representation matching, Self-Inf-N, random) |
 io (windows, JSONL) | llama (our Llama through the same entry points) | job (`safetrade sqsd`).
@@ -20,7 +20,7 @@ from safetrade.sqsd.io import rank_windows, write_jsonl
 from safetrade.sqsd.llama import (MODULE_KEYS, SPACES, LlamaFeatures, LlamaLoss, directions_from_adapters,
                                   directions_from_checkpoints, is_adapter_leaf, llama_kernel_sites, llama_lora_sites,
                                   llama_probe, llama_probes, with_lora_scale)
-from safetrade.sqsd.paths import PathError, leaves_by_path, select_paths, with_leaves
+from safetrade.paths import PathError, leaves_by_path, select_paths, with_leaves
 from safetrade.sqsd.samples import (DEFAULT_MAX_LEN, FLAGS, INVALID_FLAGS, SampleScores, Samples, array_samples,
                                     as_samples, only_first_targets, token_samples)
 from safetrade.sqsd.scores import Probe, SQSDConfig, score_probes, score_samples

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safetrade.sqsd.directions import HIGHEST, SQSDError
-from safetrade.sqsd.paths import PathError, Selector, select_paths
+from safetrade.paths import PathError, Selector, select_paths
 from safetrade.sqsd.samples import DEFAULT_MAX_LEN, SampleScores, Samples, as_samples
 from safetrade.sqsd.updates import LossFn, per_example_grads
 

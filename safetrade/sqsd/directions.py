@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from safetrade.errors import SafetradeError
-from safetrade.sqsd.paths import SEP, PathError, leaf, leaves_by_path
+from safetrade.paths import SEP, PathError, leaf, leaves_by_path
 
 __all__ = ["LAYOUTS", "DenseDirection", "Directions", "DirectionsMismatch", "FactoredDirection", "KernelSite",
            "LoraSite", "SQSDError", "SQSDWarning", "Site", "Sites", "kernel_sites", "lora_sites", "peft_adapters",

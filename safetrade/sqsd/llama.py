@@ -21,7 +21,7 @@ from safetrade.models.lora import ADAPTER_KEYS
 from safetrade.models.llama import LORA_TARGETS, LlamaConfig
 from safetrade.sqsd.directions import (DirectionsMismatch, Directions, KernelSite, LoraSite, SQSDError,
                                        kernel_sites)
-from safetrade.sqsd.paths import SEP, leaves_by_path
+from safetrade.paths import SEP, leaves_by_path
 from safetrade.sqsd.scores import Probe
 from safetrade.train.losses import per_example_loss
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from safetrade.sqsd.directions import (DenseDirection, Directions, KernelSite, LoraSite, Site, Sites, SQSDError,
                                        SQSDWarning)
-from safetrade.sqsd.paths import leaf
+from safetrade.paths import leaf
 from safetrade.sqsd.samples import DEFAULT_MAX_LEN, SampleScores, Samples, as_samples
 from safetrade.sqsd.updates import (METRICS, LossFn, alignment_terms, module_metric, per_example_grads, site_paths,
                                     total_metric)

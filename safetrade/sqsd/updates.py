@@ -38,7 +38,7 @@ import numpy as np
 
 from safetrade.sqsd.directions import (HIGHEST, DenseDirection, Directions, FactoredDirection, KernelSite,
                                        LoraSite, SQSDError, to_in_out)
-from safetrade.sqsd.paths import leaves_by_path, with_leaves
+from safetrade.paths import leaves_by_path, with_leaves
 
 __all__ = ["METRICS", "LossFn", "alignment_terms", "module_metric", "per_example_grads", "site_paths"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from safetrade.errors import SafetradeError
 from safetrade.models import llama, lora
 from safetrade.models.llama import LlamaConfig
-from safetrade.tradeoff.displacement import Displacement, LoraPaths, leaves_by_path, lora_by_path
+from safetrade.paths import leaves_by_path
+from safetrade.tradeoff.displacement import Displacement, LoraPaths, lora_by_path
 
 
 def llama_lora(cfg: LlamaConfig) -> Displacement:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from safetrade.errors import SafetradeError
+from safetrade.paths import leaves_by_path, path_string
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # fp32 products even where the default matmul precision is TF32/bf16
 LAYOUTS = ("in_out", "out_in")
@@ -37,15 +38,6 @@ class Displacement:
 
     of: Callable[[Any], Any]
     scale: Callable[[Any, Any], Any]
-
-
-def path_of(key_path) -> str:
-    named = tuple(k for k in key_path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
-    return jax.tree_util.keystr(named, simple=True, separator="/")
-
-
-def leaves_by_path(tree) -> dict[str, Any]:
-    return {path_of(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_same_structure(params, anchor) -> None:
@@ -103,7 +95,7 @@ def lora_displacement(merged_deltas: Callable[[Any], Mapping[str, jax.Array]], b
         factor_at = {b_paths[name]: factors[name] for name in b_paths}
 
         def shrink(key_path, leaf):
-            factor = factor_at.get(path_of(key_path))
+            factor = factor_at.get(path_string(key_path))
             return leaf if factor is None else (leaf.astype(jnp.float32) * factor).astype(leaf.dtype)
 
         return jax.tree_util.tree_map_with_path(shrink, params)

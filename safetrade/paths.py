@@ -1,5 +1,8 @@
 """Leaves of any pytree addressed by path strings: the keys from the root, joined with "/".
 
+The one naming of leaves every method package uses (tradeoff, safedelta, sqsd), so a path a user writes for one
+method names the same leaf in another.
+
     leaves_by_path({"hidden": {"kernel": w, "bias": b}})     # {"hidden/bias": b, "hidden/kernel": w}
     with_leaves(params, {"hidden/kernel": w2})               # a new tree, that one leaf replaced
 
@@ -38,8 +41,14 @@ def path_string(key_path) -> str:
 
 
 def leaves_by_path(tree) -> dict[str, Any]:
-    """{path: leaf} in the tree's flattening order."""
-    return {path_string(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """{path: leaf} in the tree's flattening order; two leaves with the same path string are an error."""
+    leaves: dict[str, Any] = {}
+    for key_path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = path_string(key_path)
+        if name in leaves:
+            raise PathError(f"two leaves share the path string {name!r}; rename one of them")
+        leaves[name] = value
+    return leaves
 
 
 def leaf(tree, path: str, what: str = "params"):
