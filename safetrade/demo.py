@@ -35,7 +35,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import numpy as np
+
+from safetrade import config, hub
 from safetrade.errors import SafetradeError
+from safetrade.evaluate.suite import EvalConfig, run_evaluation
+from safetrade.safedelta import SafeDeltaConfig
+from safetrade.safedelta.job import SafeDeltaJob, calibration_rows, run_safe_delta_job
+from safetrade.sqsd import SQSDConfig
+from safetrade.sqsd.job import SQSDJob, run_sqsd_job
+from safetrade.train.jobs import run_train_job
+from theory.real import TheoryJob, run_theory_job
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -125,8 +136,6 @@ class Pipeline:
 
 def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, lr: float, rank: int,
                strategy: dict | None = None, eval_sets=("attack", "capability")):
-    from safetrade import config
-
     overrides = {
         "out_dir": str(Path(job.out_dir) / name), "model": {"name": model},
         "lora": {"enabled": True, "rank": rank, "alpha": 2.0 * rank, "targets": list(ALL_LINEAR)},
@@ -142,8 +151,6 @@ def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, l
 
 
 def _eval_config(job: DemoJob, model: str):
-    from safetrade.evaluate.suite import EvalConfig
-
     return EvalConfig(model=model, harmful=("heldout",), n_harmful=job.n_eval, benign="heldout",
                       n_benign=job.n_eval, loss_sets=("gsm8k_eval",), loss_rows=job.n_loss_rows,
                       judges=("keyword",), max_new_tokens=job.max_new_tokens, batch_size=16,
@@ -151,9 +158,6 @@ def _eval_config(job: DemoJob, model: str):
 
 
 def _safedelta_job(job: DemoJob, name: str, finetuned: str):
-    from safetrade.safedelta import SafeDeltaConfig
-    from safetrade.safedelta.job import SafeDeltaJob
-
     return SafeDeltaJob(aligned=str(Path(job.out_dir) / "align" / "hf"), finetuned=finetuned,
                         out_dir=str(Path(job.out_dir) / name), n_calibration=job.n_calibration,
                         max_len=job.max_len, seed=job.seed,
@@ -198,11 +202,6 @@ LABELS = {"base": "base (unaligned)", "aligned": "aligned", "attacked": "attacke
 
 
 def run_demo(job: DemoJob, *, log=print) -> dict:
-    from safetrade import config, hub
-    from safetrade.evaluate.suite import run_evaluation
-    from safetrade.safedelta.job import run_safe_delta_job
-    from safetrade.train.jobs import run_train_job
-
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save(job, out / "demo.yaml")
@@ -278,7 +277,6 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
 def _release_memory() -> None:
     import gc
 
-    import jax
 
     gc.collect()
     jax.clear_caches()
@@ -297,7 +295,6 @@ def _headline(record: dict) -> dict:
 
 def _write_refusal_rows(path: Path, seed: int) -> Path:
     """The alignment set's refusal rows as a JSONL training file (SQSD's safety direction is trained on them)."""
-    from safetrade.safedelta.job import calibration_rows
 
     rows = calibration_rows("alignment_refusals", 256, seed)
     text = "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in rows)
@@ -307,10 +304,7 @@ def _write_refusal_rows(path: Path, seed: int) -> Path:
 
 
 def _sqsd(job: DemoJob, out: Path, aligned: str) -> dict:
-    import numpy as np
 
-    from safetrade.sqsd import SQSDConfig
-    from safetrade.sqsd.job import SQSDJob, run_sqsd_job
 
     sj = SQSDJob(model=aligned, method="sqsd", initial=str(out / "benign" / "adapter"),
                  danger=str(out / "attack" / "adapter"), safety=str(out / "safety_dir" / "adapter"),
@@ -330,8 +324,6 @@ def _sqsd(job: DemoJob, out: Path, aligned: str) -> dict:
 
 
 def _theory(job: DemoJob, out: Path) -> dict:
-    from theory.real import TheoryJob, run_theory_job
-
     result = run_theory_job(TheoryJob(
         aligned=str(out / "align" / "hf"), runs=tuple(str(out / name) for name in ("case2", "case1", "benign")),
         out_dir=str(out / "theory"), n_rows=job.theory_rows, max_len=job.max_len, samples=job.theory_samples,
@@ -381,7 +373,6 @@ def plot_summary(summary: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     rows = summary["models"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from safetrade.generate import generate, SamplingConfig
+from safetrade.generate import SamplingConfig, generate
 
 
 @dataclasses.dataclass

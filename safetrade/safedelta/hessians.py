@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from safetrade.paths import leaves_by_path
-from safetrade.safedelta.capture import Capture, input_gram, KERNEL_ATTRIBUTES
+from safetrade.safedelta.capture import Capture, KERNEL_ATTRIBUTES, input_gram
 from safetrade.safedelta.config import SafeDeltaError
 from safetrade.safedelta.factor import HIGHEST
 
