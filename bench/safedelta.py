@@ -34,7 +34,7 @@ max |W_safetrade − W_torch| relative to max |W_finetuned − W_aligned|, quant
 fraction of each side and how often the two sides agree on which entries were set to the fine-tuned value. Exact
 equality is not expected: fp32 Hessians summed in a different order give slightly different d_j, which can reorder
 near-equal columns or move the budget boundary, and torch's argsort is not stable (the official code's own
-run-to-run spread; research notes: 4-33 % of a layer's entries move between runs), while safetrade sorts stably.
+run-to-run spread: 4-33 % of a layer's entries were seen to move between runs), while safetrade sorts stably.
 --torch-stable-sort removes the second cause for diagnosis.
 """
 

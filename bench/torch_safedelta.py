@@ -9,7 +9,7 @@ Run by bench/safedelta.py with the torch venv's python (torch never enters the p
 Prints one JSON line on stdout, the last line of output.
 
 This is an independent implementation with the *structure* of the released code (ColinLu50/SafeDelta,
-`safedelta_runner.py` + `run_safedelta.py`; behaviour as recorded in shared/research/safedelta.md §1b), so that the
+`safedelta_runner.py` + `run_safedelta.py`; behaviour as docs/safedelta.md describes it), so that the
 benchmark times what a user of the official code would wait for:
 
   * the aligned model's decoder layers are run one at a time: a stand-in for layer 0 captures every calibration

@@ -249,7 +249,7 @@ BLOCKS16 = SafeDeltaConfig(block_size=16)  # with 42x24 layers: 3 blocks (16/16/
 
 def official_reference(kernel_aligned, kernel_finetuned, hessian, s=0.1, damp=0.01, block=2048, exclude=0.15,
                        group=4):
-    """The released procedure as described in the research notes, float64, eager loops; returns (kernel, masks)."""
+    """The released procedure as docs/safedelta.md describes it, float64, eager loops; returns (kernel, masks)."""
     w = kernel_aligned.T.astype(np.float64).copy()
     w_sft = kernel_finetuned.T.astype(np.float64)
     rows, cols = w.shape
