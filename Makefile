@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VENV := .venv-torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-sqsd bench-theory bench-aot clean
+.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-sqsd bench-theory bench-aot bench-memory device-check clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,18 @@ bench-theory: setup
 
 bench-aot: setup
 	$(BIN)/python bench/aot_compile.py --preset llama2_7b --devices 8 --fsdp 8
+
+# Peak device memory of the 7-8B programs (LoRA / full fine-tuning, Safe Delta, Hessians), compiled ahead of time
+# on one CPU device from abstract shapes: nothing is allocated.
+bench-memory: setup
+	$(BIN)/python bench/memory_plan.py
+
+# On a machine with one NVIDIA GPU and a preinstalled JAX (no venv is built: the image's packages are used).
+# DEVICE_CHECK_ARGS=--dry-run runs every section at tiny shapes on the CPU in seconds.
+DEVICE_CHECK_OUT ?= device_check_out
+DEVICE_CHECK_ARGS ?=
+device-check:
+	$(PYTHON) bench/device_check.py --out $(DEVICE_CHECK_OUT) $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TORCH_VENV)
