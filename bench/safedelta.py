@@ -62,9 +62,10 @@ from safetrade import hub  # noqa: E402
 from safetrade.errors import SafetradeError  # noqa: E402
 from safetrade.models import io  # noqa: E402
 from safetrade.safedelta import SafeDeltaConfig, safe_delta  # noqa: E402
-from safetrade.safedelta.job import calibration_batches, calibration_rows, load_finetuned  # noqa: E402
 from safetrade.safedelta.llama_adapter import KERNELS, PROJECTIONS, collect_llama_hessians  # noqa: E402
-from safetrade.tokenizer import load_tokenizer  # noqa: E402
+
+# safetrade.safedelta.job and safetrade.tokenizer are imported where they are used: the tokenizer module needs the
+# gguf package, which a GPU image may lack, and bench/device_check.py imports with_noise from here without them.
 
 GOAL = 3.0  # torch end-to-end seconds / safetrade end-to-end seconds
 STAGES = ("hessians", "transform", "total")
@@ -97,6 +98,8 @@ def with_noise(cfg, params, std: float, seed: int):
 
 def calibration(tokenizer, n: int, max_len: int, batch_size: int):
     """(token id lists, padded batches): exactly how safedelta/job.py's run_safe_delta_job builds its batches."""
+    from safetrade.safedelta.job import calibration_batches, calibration_rows
+
     rows = calibration_rows("alignment_refusals", n, 0)
     try:
         examples, _, batches = calibration_batches(tokenizer, rows, max_len, batch_size)
@@ -212,6 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-timeout", type=int, default=7200, help="seconds before the torch run is abandoned")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write every number to this JSON file")
     args = ap.parse_args(argv)
+
+    from safetrade.safedelta.job import load_finetuned
+    from safetrade.tokenizer import load_tokenizer
 
     info = run_info(args, argv)
 

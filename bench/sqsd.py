@@ -72,8 +72,9 @@ from safetrade.data import encode_rows  # noqa: E402
 from safetrade.data.batching import make_batch  # noqa: E402
 from safetrade.models import io, lora  # noqa: E402
 from safetrade.models.llama import LORA_TARGETS, LoraConfig  # noqa: E402
-from safetrade.sqsd.job import pool_rows  # noqa: E402
-from safetrade.tokenizer import load_tokenizer  # noqa: E402
+
+# safetrade.sqsd.job and safetrade.tokenizer are imported in main(): the tokenizer module needs the gguf package,
+# which a GPU image may lack, and bench/device_check.py imports random_adapters from here without them.
 
 GOAL = 10.0  # vmapped samples/s / batch-1 loop samples/s
 EQUAL_TOL = 1e-4  # |score difference| between the two safetrade paths (sums of ~200 fp32 cosines)
@@ -89,20 +90,26 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def random_adapter_dirs(cfg, base, out: Path, rank: int, alpha: float, b_std: float, seed: int) -> dict[str, Path]:
-    """Three seeded rank-`rank` adapters on all seven projections, written as PEFT dirs under `out`."""
+def random_adapters(cfg, base, rank: int, alpha: float, b_std: float, seed: int) -> dict[str, tuple]:
+    """Three seeded rank-`rank` adapters on all seven projections, in memory: {name: (lora_cfg, params with the
+    adapters)}, as lora.load_peft returns them. lora_a is drawn as for a fresh adapter, lora_b ~ N(0, b_std²)."""
     spec = LoraConfig(rank, alpha, LORA_TARGETS)
-    dirs = {}
+    states = {}
     for index, name in enumerate(ADAPTERS):
         key = jax.random.fold_in(jax.random.key(seed), index)
         lora_cfg, params = lora.add_adapters(cfg, base, spec, key)  # lora_a as a fresh adapter draws it
-        adapters = lora.split(params)[1]
         rng = np.random.default_rng([seed, index])
-        adapters = jax.tree_util.tree_map_with_path(
+        params = jax.tree_util.tree_map_with_path(
             lambda path, x: jnp.asarray(rng.normal(0.0, b_std, x.shape), x.dtype) if path[-1].key == "lora_b" else x,
-            adapters)
-        dirs[name] = lora.save_peft(out / name, lora_cfg, adapters)
-    return dirs
+            params)
+        states[name] = (lora_cfg, params)
+    return states
+
+
+def random_adapter_dirs(cfg, base, out: Path, rank: int, alpha: float, b_std: float, seed: int) -> dict[str, Path]:
+    """`random_adapters`, written as PEFT dirs under `out`."""
+    return {name: lora.save_peft(out / name, lora_cfg, lora.split(params)[1])
+            for name, (lora_cfg, params) in random_adapters(cfg, base, rank, alpha, b_std, seed).items()}
 
 
 def warm_up(examples, danger, safety, batch_size: int, max_len: int) -> float:
@@ -217,6 +224,9 @@ def main(argv=None) -> int:
     given = [n for n in ADAPTERS if getattr(args, n) is not None]
     if given and len(given) != 3:
         raise SystemExit("--initial, --danger and --safety go together (or none: seeded stand-in adapters)")
+
+    from safetrade.sqsd.job import pool_rows
+    from safetrade.tokenizer import load_tokenizer
 
     info = run_info(args, argv)
     t = time.perf_counter()

@@ -12,7 +12,9 @@ stdout, the last line of output:
      "results": {"1": {"prefill_s": ..., "generate_s": ..., "decode_s": ..., "prefill_tok_s": ...,
                         "decode_tok_s": ..., "new_tokens": 64}, "16": {...}}}
 
-On a machine with CUDA and a CUDA build of torch, the model runs on the GPU (`--device` to choose).
+On a machine with CUDA and a CUDA build of torch, the model runs on the GPU (`--device` to choose). With
+`--random-weights` (bench/device_check.py) the directory holds only config.json and the model gets transformers'
+own random init, directly on the device and in --dtype: a throughput figure, its tokens compare with nothing.
 
 Timing: prefill = one forward over [B, P] (median of --repeats after a warm-up call); decode = greedy
 `model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)` with the KV cache, minus the prefill
@@ -38,12 +40,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = os.cpu_count()")
     ap.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
+    ap.add_argument("--random-weights", action="store_true", help="--model-dir holds only config.json")
     args = ap.parse_args(argv)
 
     try:
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
     except Exception as exc:  # noqa: BLE001 - the caller reports why torch numbers are missing
         print(json.dumps({"ok": False, "error": f"cannot import torch/transformers: {exc!r}"}))
         return 1
@@ -53,7 +56,11 @@ def main(argv=None) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device)
+    if args.random_weights:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_dir), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device)
     model.eval()
 
     def sync():

@@ -57,32 +57,53 @@ def measured_matmul_tflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, lora: bool, dtype: str):
-    import jax
+def random_token_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:
+    """A {"cap": batch} of seeded random ids [batch, seq] with every position a target (throughput only)."""
     import numpy as np
-    import optax
+
+    rng = np.random.default_rng(seed)
+    return {"cap": {"input_ids": rng.integers(0, vocab_size, (batch, seq)).astype(np.int32),
+                    "attention_mask": np.ones((batch, seq), np.int32),
+                    "loss_mask": np.ones((batch, seq), np.float32)}}
+
+
+def train_setup(cfg, params, tx, lora_config=None):
+    """The project's own step for full fine-tuning (lora_config None) or LoRA with the base frozen:
+    (jitted step with the state donated, state, frozen, the config without adapters, trainable parameter count).
+
+    With full fine-tuning the params become the state and are donated by the first step: pass a copy to keep them.
+    """
+    import jax
 
     sys.path.insert(0, str(ROOT))
-    from safetrade.models import io, llama
     from safetrade.models import lora as lora_lib
     from safetrade.train import step as step_lib
     from safetrade.tradeoff import strategy_config
 
-    cfg, params = io.load_model(model, dtype=dtype)
-    tx = optax.adamw(1e-5)
     strategy = strategy_config("sft")
     frozen = {}
-    if lora:
-        cfg, params = lora_lib.add_adapters(cfg, params, llama.LoraConfig(8, 16.0, ("q_proj", "v_proj")),
-                                            jax.random.key(0))
+    base_cfg = cfg
+    if lora_config is not None:
+        cfg, params = lora_lib.add_adapters(cfg, params, lora_config, jax.random.key(0))
         base, params = lora_lib.split(params)
         frozen = step_lib.make_frozen(base=base)
-    fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy, lora=lora), donate_argnums=0)
+    fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy, lora=lora_config is not None), donate_argnums=0)
     state = step_lib.init_state(params, tx, strategy)
-    rng = np.random.default_rng(0)
-    batch_arrays = {"cap": {"input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
-                            "attention_mask": np.ones((batch, seq), np.int32),
-                            "loss_mask": np.ones((batch, seq), np.float32)}}
+    trainable = sum(x.size for x in jax.tree.leaves(params))  # adapters only, with LoRA
+    return fn, state, frozen, base_cfg, trainable
+
+
+def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, lora: bool, dtype: str):
+    import jax
+    import optax
+
+    sys.path.insert(0, str(ROOT))
+    from safetrade.models import io, llama
+
+    cfg, params = io.load_model(model, dtype=dtype)
+    lora_config = llama.LoraConfig(8, 16.0, ("q_proj", "v_proj")) if lora else None
+    fn, state, frozen, base_cfg, trainable = train_setup(cfg, params, optax.adamw(1e-5), lora_config)
+    batch_arrays = random_token_batch(cfg.vocab_size, batch, seq)
     times = []
     for k in range(warmup + steps):
         t0 = time.perf_counter()
@@ -90,8 +111,7 @@ def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, l
         jax.block_until_ready(metrics["loss_cap"])
         if k >= warmup:
             times.append(time.perf_counter() - t0)
-    trainable = sum(x.size for x in jax.tree.leaves(params))  # adapters only, with LoRA
-    return cfg.replace(lora=None), batch * seq / statistics.median(times), float(metrics["loss_cap"]), trainable
+    return base_cfg, batch * seq / statistics.median(times), float(metrics["loss_cap"]), trainable
 
 
 def main(argv=None) -> None:
