@@ -3,21 +3,29 @@
 The loop owns no randomness of its own: the batch for step k is `batches(k)`, a pure function of k, so a run
 resumed from step k's checkpoint sees exactly the batches an uninterrupted run would have seen and ends with
 bit-identical parameters (CPU, fp32).
+
+Host syncs: the loop dispatches steps without waiting for them. Each step's metrics are added on the device to a
+small window (their sums, the real-token count, and the first step whose metrics were not all finite); the host
+reads that window through `fetch_to_host` only at log steps (every `log_every`), eval and save steps and the last
+step. A non-finite metric is therefore reported with the exact step it first appeared at, at the next of those
+syncs, and a save step checks it before writing, so no checkpoint at or after a diverged step is ever written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -34,7 +42,7 @@ class TrainingDiverged(SafetradeError):
 @dataclasses.dataclass
 class LoopConfig:
     steps: int
-    log_every: int = 1
+    log_every: int = 1  # also how often the host waits for the device: each log step is one sync
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
@@ -53,8 +61,75 @@ def _tensorboard(out: Path | None):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _scalars(metrics) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+def fetch_to_host(tree):
+    """The loop's only device -> host copy of training metrics (one call = one sync; tests wrap it to count)."""
+    return jax.device_get(tree)
+
+
+def one_ahead(make: Callable[[int], Any], ks: Iterable[int]) -> Iterator[Any]:
+    """Yield make(k) for each k in ks, having already called make(k + 1) when make(k) is handed out.
+
+    JAX dispatches a step without waiting for it, so the next batch is assembled on the host and its transfer to
+    the device started while the current step runs, and a step never waits for its batch after a host sync. `make`
+    must be a pure function of k (it is called in order, one call ahead of its use).
+    """
+    it = iter(ks)
+    try:
+        current = make(next(it))
+    except StopIteration:
+        return
+    for k in it:
+        upcoming = make(k)
+        yield current
+        current = upcoming
+    yield current
+
+
+def _as_f32(metrics):
+    return {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+
+
+def _add_step(tracker, metrics):
+    """Add one step's metrics to the window; remember the first step at which any metric was not finite, and
+    the metrics of that step (for the error message)."""
+    values = _as_f32(metrics)
+    step = tracker["step"] + 1
+    finite = functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(v)) for v in values.values()), jnp.bool_(True))
+    newly_bad = (tracker["first_bad"] == 0) & ~finite
+    return {"step": step, "sums": jax.tree.map(jnp.add, tracker["sums"], values), "count": tracker["count"] + 1,
+            "first_bad": jnp.where(newly_bad, step, tracker["first_bad"]),
+            "bad_values": jax.tree.map(lambda v, old: jnp.where(newly_bad, v, old), values, tracker["bad_values"])}
+
+
+@jax.jit
+def _track_first(metrics, steps_before):
+    """The tracker after the first step of a run (or resume) that started after `steps_before` steps."""
+    zeros = jax.tree.map(jnp.zeros_like, _as_f32(metrics))
+    empty = {"step": jnp.asarray(steps_before, jnp.int32), "sums": zeros, "count": jnp.zeros((), jnp.int32),
+             "first_bad": jnp.zeros((), jnp.int32), "bad_values": zeros}
+    return _add_step(empty, metrics)
+
+
+_track = jax.jit(_add_step)
+
+
+@jax.jit
+def _next_window(tracker):
+    """The tracker with its window emptied (after a record was written); step and first_bad carry on."""
+    return {**tracker, "sums": jax.tree.map(jnp.zeros_like, tracker["sums"]), "count": jnp.zeros((), jnp.int32)}
+
+
+def _raise_if_diverged(host: dict, synced_at: int, last_good: int, ckpt: Checkpoints | None) -> None:
+    first_bad = int(host["first_bad"])
+    if not first_bad:
+        return
+    values = {name: float(np.asarray(v)) for name, v in host["bad_values"].items()}
+    bad = [name for name, v in values.items() if not math.isfinite(v)]
+    raise TrainingDiverged(
+        f"step {first_bad}: non-finite {', '.join(bad)} ({values}); stopped (seen at step {synced_at}: the host "
+        f"checks metrics at log, eval and save steps). The last good checkpoint is step {last_good}"
+        + (f" in {ckpt.directory}" if ckpt else "") + ". Lower the learning rate or enable clipping."
+    )
 
 
 def run(
@@ -68,10 +143,16 @@ def run(
 ):
     """Train from `state` (or the newest checkpoint in out_dir/checkpoints) to cfg.steps; return the final state.
 
-    `evaluate(state) -> dict` runs every eval_every steps and at the end; its numbers go to metrics.jsonl too.
-    With out_dir, every logged record also goes to TensorBoard event files in out_dir/tensorboard when
-    tensorboardX is installed (`tensorboard --logdir OUT_DIR/tensorboard`).
+    Every log_every steps (and at eval steps and the last step) a record goes to out_dir/metrics.jsonl: each
+    metric is its mean over the steps since the previous record (the step's own value when log_every is 1), and
+    tokens_per_s is real tokens per second since the start or resume. `evaluate(state) -> dict` runs every
+    eval_every steps and at the end; its numbers join that step's record. With out_dir, every record also goes to
+    TensorBoard event files in out_dir/tensorboard when tensorboardX is installed
+    (`tensorboard --logdir OUT_DIR/tensorboard`). Checkpoints are written in the background (safetrade/train/
+    checkpoint.py); a non-finite metric raises TrainingDiverged naming its step and the last good checkpoint.
     """
+    if cfg.log_every < 1:
+        raise SafetradeError(f"LoopConfig.log_every={cfg.log_every}: must be >= 1 (steps between records)")
     out = Path(out_dir) if out_dir is not None else None
     ckpt = None
     start = 0
@@ -86,38 +167,43 @@ def run(
     board = _tensorboard(out)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, desc="train")
     last_good = start
+    tracker = None
     try:
         t0, tokens_since = time.perf_counter(), 0.0
-        for k in range(start, cfg.steps):
-            state, metrics = step_fn(state, batches(k), frozen)
-            scalars = _scalars(metrics)  # one host sync per step: divergence is caught at the step it happens
-            bad = [name for name, v in scalars.items() if not math.isfinite(v)]
-            if bad:
-                raise TrainingDiverged(
-                    f"step {k + 1}: non-finite {', '.join(bad)} ({scalars}); stopped. The last good checkpoint "
-                    f"is step {last_good}" + (f" in {ckpt.directory}" if ckpt else "")
-                    + ". Lower the learning rate or enable clipping."
-                )
-            record = {"step": k + 1, **scalars}
-            if "tokens" in scalars:  # real (non-padding) tokens, averaged since start or resume
-                tokens_since += scalars["tokens"]
-                record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
-            is_last = k + 1 == cfg.steps
-            if evaluate is not None and (is_last or (cfg.eval_every and (k + 1) % cfg.eval_every == 0)):
-                record.update({f"eval/{name}": v for name, v in evaluate(state).items()})
-            if metrics_file and ((k + 1) % cfg.log_every == 0 or is_last or any(n.startswith("eval/") for n in record)):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if board is not None:
-                    for name, value in record.items():
-                        if name != "step":
-                            board.add_scalar(name, value, k + 1)
-            bar.set_postfix({n: f"{v:.4g}" for n, v in record.items() if n in ("loss_cap", "loss_proxy", "lam",
-                                                                                "distance", "tokens_per_s")})
-            bar.update(1)
-            if ckpt and (is_last or (cfg.save_every and (k + 1) % cfg.save_every == 0)):
-                ckpt.save(k + 1, state)
-                last_good = k + 1
+        for k, batch in zip(range(start, cfg.steps), one_ahead(batches, range(start, cfg.steps))):
+            state, metrics = step_fn(state, batch, frozen)
+            tracker = _track_first(metrics, start) if tracker is None else _track(tracker, metrics)
+            bar.update(1)  # counts dispatched steps; needs nothing from the device
+            step = k + 1
+            is_last = step == cfg.steps
+            log_now = is_last or step % cfg.log_every == 0
+            eval_now = evaluate is not None and (is_last or bool(cfg.eval_every and step % cfg.eval_every == 0))
+            save_now = ckpt is not None and (is_last or bool(cfg.save_every and step % cfg.save_every == 0))
+            if not (log_now or eval_now or save_now):
+                continue
+            host = fetch_to_host(tracker)  # waits for this step: the window's sums and the first bad step
+            _raise_if_diverged(host, step, last_good, ckpt)  # before evaluating or saving a diverged state
+            if log_now or eval_now:
+                count = int(host["count"])
+                record = {"step": step, **{name: float(np.asarray(v)) / count for name, v in host["sums"].items()}}
+                if "tokens" in host["sums"]:  # real (non-padding) tokens, averaged since start or resume
+                    tokens_since += float(np.asarray(host["sums"]["tokens"]))
+                    record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
+                if eval_now:
+                    record.update({f"eval/{name}": v for name, v in evaluate(state).items()})
+                tracker = _next_window(tracker)
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if board is not None:
+                        for name, value in record.items():
+                            if name != "step":
+                                board.add_scalar(name, value, step)
+                bar.set_postfix({n: f"{v:.4g}" for n, v in record.items() if n in ("loss_cap", "loss_proxy", "lam",
+                                                                                    "distance", "tokens_per_s")})
+            if save_now:
+                ckpt.save(step, state)
+                last_good = step
     finally:
         bar.close()
         if metrics_file:
@@ -125,5 +211,5 @@ def run(
         if board is not None:
             board.close()
         if ckpt:
-            ckpt.close()
+            ckpt.close()  # waits for a checkpoint still being written
     return state
