@@ -14,6 +14,7 @@ strings, not margins across string choices.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -44,6 +45,12 @@ def continuation_examples(tokenizer, prompts: Sequence[str], continuation: str, 
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _sequence_logprobs(cfg, params, batch):
+    """Σ log p(target token) per row [B]; cfg is static, so it compiles once per (config, bucket shape)."""
+    return -token_nll(cfg, params, batch)[0].sum(-1)
+
+
 def continuation_logprobs(cfg, params, tokenizer, prompts: Sequence[str], continuation: str, *,
                           batch_size: int = 16, system: str | None = None) -> np.ndarray:
     """log P(continuation | prompt) per prompt [N] (sum over the continuation's tokens)."""
@@ -53,7 +60,6 @@ def continuation_logprobs(cfg, params, tokenizer, prompts: Sequence[str], contin
     if longest > cfg.max_position_embeddings:
         raise EvaluationError(f"a prompt + continuation has {longest} tokens > context {cfg.max_position_embeddings}")
     buckets = bucket_lengths(max(64, longest))
-    fn = jax.jit(lambda p, b: -token_nll(cfg, p, b)[0].sum(-1))
     out = np.zeros(len(examples))
     order = np.argsort([len(e["input_ids"]) for e in examples], kind="stable")
     pad = tokenizer.pad_token_id or 0
@@ -61,7 +67,7 @@ def continuation_logprobs(cfg, params, tokenizer, prompts: Sequence[str], contin
         chunk = order[start:start + batch_size]
         length = bucket_for(max(len(examples[i]["input_ids"]) for i in chunk), buckets)
         batch = make_batch([examples[i] for i in chunk], length, batch_size, pad_id=pad)
-        out[chunk] = np.asarray(fn(params, batch))[: len(chunk)]
+        out[chunk] = np.asarray(_sequence_logprobs(cfg, params, batch))[: len(chunk)]
     return out
 
 
