@@ -9,9 +9,12 @@ Layers are stacked along a leading axis (one `blocks` subtree with shape [L, ...
 `jax.lax.scan`, so a 30-layer model compiles one layer body, not thirty. Linear kernels are stored as
 [in, out] (the HF checkpoint layout [out, in] is transposed once in models/io.py).
 
-Every weight carries logical axis names as NNX metadata (`axes=`); `parallel.logical_to_mesh` maps them onto
+Every weight carries logical axis names as NNX metadata (`axes=`); `parallel.param_shardings` maps them onto
 the (data, fsdp, tensor) mesh. We use our own metadata key rather than Flax's `sharding_names`, because the
-latter shards eagerly at creation and so needs a mesh even for a CPU unit test.
+latter shards eagerly at creation and so needs a mesh even for a CPU unit test. The residual stream, q/k/v, the
+attention output, the MLP hidden activation and the logits are constrained by logical names under the same
+rules (`parallel.constrain`), when traced with a mesh in context (`jax.set_mesh`, `train.step.jit_train_step`);
+without one the constraints are no-ops and the traced program is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safetrade import parallel
 from safetrade.models.llama_config import (  # noqa: F401  (re-exported: the model module exposes its config)
     LOGICAL_AXES,
     LORA_TARGETS,
@@ -41,6 +45,14 @@ from safetrade.models.llama_config import (  # noqa: F401  (re-exported: the mod
 )
 
 Params = dict[str, Any]
+
+# Logical axes of the activations the model constrains (parallel.constrain; mapped to mesh axes by parallel.RULES
+# like the weights' axes). Constraints apply only while a mesh is in context; without one they are no-ops.
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")  # [B, T, D]
+QUERY_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")  # [B, T, H, Dh]
+KEY_VALUE_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+MLP_HIDDEN_AXES = ("activation_batch", "activation_length", "activation_mlp")  # [B, T, F]
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")  # [B, T, V]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,6 +158,9 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = parallel.constrain(q, QUERY_AXES)
+        k = parallel.constrain(k, KEY_VALUE_AXES)
+        v = parallel.constrain(v, KEY_VALUE_AXES)
         if cache_k is not None:
             # Only the new rows are written into the stacked cache; copying a layer's slice out and back in per
             # step cost ~20 % of a batch-16 decode step (bench/RESULTS.md).
@@ -167,6 +182,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = parallel.constrain(out.reshape(b, t, self.num_heads, self.head_dim), QUERY_AXES)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
 
 
@@ -178,7 +194,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs, name="down_proj")
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = parallel.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), MLP_HIDDEN_AXES)
+        return self.down_proj(hidden)
 
 
 class Block(nnx.Module):
@@ -191,8 +208,8 @@ class Block(nnx.Module):
     def __call__(self, h, positions, inv_freq, kv_valid, cache_k=None, cache_v=None, cache_index=0, layer=0):
         a, cache_k, cache_v = self.attn(self.attn_norm(h), positions, inv_freq, kv_valid, cache_k, cache_v,
                                         cache_index, layer)
-        h = h + a
-        h = h + self.mlp(self.mlp_norm(h))
+        h = parallel.constrain(h + a, RESIDUAL_AXES)
+        h = parallel.constrain(h + self.mlp(self.mlp_norm(h)), RESIDUAL_AXES)
         return h, cache_k, cache_v
 
 
@@ -230,7 +247,7 @@ class Llama(nnx.Module):
                  return_hidden: bool = False):
         cfg = self.cfg
         inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
-        embedded = self.embed(tokens)
+        embedded = parallel.constrain(self.embed(tokens), RESIDUAL_AXES)
         block_graph, block_state = nnx.split(self.blocks)
 
         if cache is None:
@@ -262,7 +279,7 @@ class Llama(nnx.Module):
         hidden = None
         if return_hidden:
             hidden = {"layer_outputs": jnp.concatenate([embedded[None], per_layer]), "final": normed}
-        return logits.astype(jnp.float32), cache, hidden
+        return parallel.constrain(logits.astype(jnp.float32), LOGITS_AXES), cache, hidden
 
 
 # ----------------------------------------------------------------------------------------------------------------

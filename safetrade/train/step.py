@@ -149,12 +149,16 @@ def state_shardings(state: TrainState, param_shardings, mesh: Mesh, tx: optax.Gr
 
 def jit_train_step(step, mesh: Mesh | None, shardings: TrainState | None = None, frozen_shardings=None,
                    batch_ndim: int = 2):
-    """jit the step with explicit in/out shardings over `mesh` and the state donated (updated in place)."""
+    """jit the step with explicit in/out shardings over `mesh` and the state donated (updated in place).
+
+    The step is traced with `mesh` in context, so the model's activation sharding constraints apply
+    (parallel.constrain); without a mesh there are none.
+    """
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     batch_sharding = parallel.batch_sharding(mesh, batch_ndim)
     return jax.jit(
-        step,
+        parallel.within_mesh(step, mesh),
         in_shardings=(shardings, batch_sharding, frozen_shardings),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0,
