@@ -112,7 +112,7 @@ SETTINGS = {
               "dtype": "bfloat16", "param_dtype": "float32", "remat": False, "lr": 1e-5,
               "lora_rank": 16, "lora_alpha": 32.0, "lora_targets": ALL_PROJECTIONS, "memory_headroom": 0.95},
     "generate": {"preset": "llama3_2_1b", "dtype": "bfloat16", "batches": [1, 64], "prompt_len": 128,
-                 "new_tokens": 128, "repeats": 3},
+                 "new_tokens": 64, "repeats": 3},
     "sqsd": {"preset": "llama3_2_1b", "dtype": "float32", "rank": 8, "alpha": 16.0, "b_std": 0.01, "tokens": 256,
              "prompt_tokens": 64, "n": 64, "batch": 16},
     "safedelta": {"preset": "llama2_7b", "dtype": "float32", "sequences": 128, "tokens": 512, "batch": 8,
@@ -128,7 +128,7 @@ DRY_RUN_SETTINGS = {
 }
 SECTIONS = tuple(SETTINGS)
 # Seconds per section on the GPU (upper bounds; --budget caps the whole run) and on the CPU at dry-run shapes.
-CAPS = {"versions": 30, "correctness": 40, "train": 150, "generate": 80, "sqsd": 60, "safedelta": 180}
+CAPS = {"versions": 30, "correctness": 40, "train": 150, "generate": 90, "sqsd": 90, "safedelta": 180}
 DRY_RUN_CAP = 120
 DRY_RUN_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 BUDGET_S = 420  # the 7 minutes
