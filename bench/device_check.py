@@ -690,7 +690,7 @@ def section_markdown(record: dict) -> str:
                   f"{fmt((r.get('cache_bytes') or 0) / 2**30 or None, '.1f', ' GiB')}; params "
                   f"{fmt((r.get('param_bytes') or 0) / 2**30 or None, '.1f', ' GiB')} per model (the cache key hashes "
                   f"them: host sha256 {fmt(r.get('sha256_gb_per_s'), '.2f', ' GB/s')})"]
-    lines += goal_lines(record)
+    lines += [""] + goal_lines(record) if record.get("goals") else []
     if record.get("dry_run"):
         lines.append("- (dry run: tiny shapes on the CPU; the figures only show that the section runs)")
     return "\n".join(lines) + "\n"
