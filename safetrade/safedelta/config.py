@@ -42,6 +42,10 @@ class SafeDeltaConfig:
     seed: int = 0  # for ablation="random"
     other_params: str = "aligned"  # leaves that are not edited: "aligned" (official) or "finetuned"
     layer_batch: int = 1  # stacked kernels: layers processed together (vmapped) inside lax.map; 1 = one at a time
+    # > 0: stacked kernels and their Hessians stay in host memory and this many layers of one kernel at a time go
+    # to the device (a multiple of layer_batch, so the layers are grouped as lax.map groups them); 0: whole stacks,
+    # on whatever device the arrays are. Same numbers either way (tests/test_safedelta_stream.py).
+    stream_layers: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,6 +60,9 @@ class SafeDeltaConfig:
             raise SafeDeltaError(f"damp={self.damp} exceeds damp_limit={self.damp_limit}")
         if self.block_size < 1 or self.lazy_group < 1 or self.layer_batch < 1:
             raise SafeDeltaError("block_size, lazy_group and layer_batch must be >= 1")
+        if self.stream_layers < 0 or self.stream_layers % self.layer_batch:
+            raise SafeDeltaError(f"stream_layers={self.stream_layers} must be 0 (off) or a positive multiple of "
+                                 f"layer_batch={self.layer_batch}")
 
 
 def static_structure(cfg: SafeDeltaConfig) -> SafeDeltaConfig:

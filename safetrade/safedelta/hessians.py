@@ -93,7 +93,7 @@ def batch_mask(batch):
     return batch.get("attention_mask") if isinstance(batch, Mapping) else None
 
 
-def _count(batch, mask_fn) -> int:
+def count_sequences(batch, mask_fn=batch_mask) -> int:
     """N contributed by one batch: mask rows with a real token, or the leading axis without a mask."""
     mask = mask_fn(batch)
     if mask is None:
@@ -186,6 +186,19 @@ def _hashable(kernels):
         else tuple(kernels)
 
 
+def batch_step(graphdef_or_apply_fn, *, call: Callable | None = None, kernels=None,
+               linear_types: tuple[type, ...] = (nnx.Linear,), inputs_fn: Callable | None = None,
+               mask_fn: Callable = batch_mask):
+    """The jitted program `collect_hessians` runs once per batch: fn(params, (), batch) -> {group: Σ XᵀX}.
+
+    For an nnx.GraphDef, an apply_fn or None (with inputs_fn), with collect_hessians' keywords; the very function
+    collect_hessians calls (one compiled program per shape), so it can be lowered on abstract shapes to see what
+    one batch costs (bench/memory_plan.py).
+    """
+    return _step(graphdef_or_apply_fn, call or _call_module, _hashable(kernels), tuple(linear_types), mask_fn,
+                 inputs_fn).jitted
+
+
 def collect_hessians(model_or_apply_fn, params, batches: Iterable, *, call: Callable | None = None,
                      kernels=None, linear_types: tuple[type, ...] = (nnx.Linear,), inputs_fn: Callable | None = None,
                      mask_fn: Callable = batch_mask, cache_dir: str | os.PathLike | None = None,
@@ -213,35 +226,52 @@ def collect_hessians(model_or_apply_fn, params, batches: Iterable, *, call: Call
         raise SafeDeltaError("no calibration batches")
     step = _step(target, call or _call_module, _hashable(kernels), tuple(linear_types), mask_fn, inputs_fn)
 
-    cache_path = fingerprint = None
-    if cache_dir is not None:
-        fingerprint = _fingerprint(_describe(model_or_apply_fn, call, inputs_fn, cache_key), params, batches)
-        cache_path = Path(cache_dir) / f"hessians-{fingerprint[:32]}.safetensors"
-        if cache_path.exists():
-            return _load(cache_path, fingerprint)
+    def compute():
+        sums, sequences = None, 0
+        for batch in batches:
+            grams = step.jitted(params, rest, batch)
+            sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
+            sequences += count_sequences(batch, mask_fn)
+        if not step.names:
+            raise SafeDeltaError("no linear layer was captured: none ran, or `kernels` matched none of them")
+        return KernelHessians({name: hessian_of(total, sequences) for name, total in sums.items()},
+                              step.names), sequences
 
-    sums, sequences = None, 0
-    for batch in batches:
-        grams = step.jitted(params, rest, batch)
-        sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
-        sequences += _count(batch, mask_fn)
-    if not step.names:
-        raise SafeDeltaError("no linear layer was captured: none ran, or `kernels` matched none of them")
-    hessians = KernelHessians({name: 2.0 * total / max(sequences, 1) for name, total in sums.items()}, step.names)
-    if cache_path is not None:
-        _save(cache_path, hessians, fingerprint, sequences)
-    return hessians
+    return cached_collection(cache_dir, describe_forward(model_or_apply_fn, call, inputs_fn, cache_key), params,
+                             batches, compute)
+
+
+def hessian_of(gram_sum, sequences: int):
+    """H = (2/N) Σ XᵀX from the summed Grams (the one place the scale is applied, so every path rounds alike)."""
+    return 2.0 * gram_sum / max(sequences, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cache
 
 
+def cached_collection(cache_dir, description: str, params, batches: list,
+                      compute: Callable[[], tuple[KernelHessians, int]], *, on_host: bool = False) -> KernelHessians:
+    """compute() -> (Hessians, N), through the disk cache when cache_dir is given: a file with the fingerprint of
+    (description, params, batches) is read instead of computing; a new result is written. on_host: a cached
+    result comes back as numpy arrays in host memory rather than on the default device."""
+    if cache_dir is None:
+        return compute()[0]
+    fingerprint = _fingerprint(description, params, batches)
+    cache_path = Path(cache_dir) / f"hessians-{fingerprint[:32]}.safetensors"
+    if cache_path.exists():
+        return _load(cache_path, fingerprint, on_host)
+    hessians, sequences = compute()
+    _save(cache_path, hessians, fingerprint, sequences)
+    return hessians
+
+
 def _qualname(obj) -> str:
     return "" if obj is None else f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
-def _describe(target, call, inputs_fn, cache_key: str) -> str:
+def describe_forward(target, call=None, inputs_fn=None, cache_key: str = "") -> str:
+    """What the cache fingerprint says of the forward: its class / function names and `cache_key`."""
     if isinstance(target, nnx.Module):
         kind = _qualname(type(target))
     elif isinstance(target, nnx.GraphDef):
@@ -277,11 +307,12 @@ def _save(path: Path, hessians: KernelHessians, fingerprint: str, sequences: int
     os.replace(partial, path)  # readers never see a half-written cache file
 
 
-def _load(path: Path, fingerprint: str) -> KernelHessians:
+def _load(path: Path, fingerprint: str, on_host: bool = False) -> KernelHessians:
     with safe_open(str(path), framework="numpy") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("fingerprint") != fingerprint:
             raise SafeDeltaError(f"{path}: cached Hessians belong to fingerprint {metadata.get('fingerprint')}, "
                                  f"not {fingerprint}; delete the file")
-        arrays = {name: jnp.asarray(handle.get_tensor(name)) for name in handle.keys()}
+        place = np.asarray if on_host else jnp.asarray
+        arrays = {name: place(handle.get_tensor(name)) for name in handle.keys()}
     return KernelHessians(arrays, json.loads(metadata["names"]))

@@ -12,7 +12,9 @@ overrides reach all of them: `safedelta.damp=0.05`, or on the command line the b
 Stages (each timed in the report): load both models (a PEFT adapter dir as `finetuned` is merged onto the aligned
 model first, so LoRA fine-tunes are handled on their merged delta); safety Hessians from the *aligned* model on the
 calibration rows (prompt + refusal, chat-formatted), through the generic capture and cached on disk by model +
-data fingerprint, so repeated requests skip it; the transform; export.
+data fingerprint, so repeated requests skip it; the transform; export. With `safedelta.stream_layers=N` (N > 0)
+both models are loaded into host memory and the Hessians and the transform run layer by layer, so a 7-8B request
+fits one GPU (docs/safedelta.md, "Memory at 7-8B").
 
 Calibration default: 128 refusal rows of the built alignment set (AdvBench "align" prompts with the project's
 refusals) -- the aligned model's own safety data, as in the paper (harmful prompts + safe responses); never an
@@ -21,12 +23,14 @@ evaluation prompt. Any built set, registered dataset or file with responses can 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from safetrade import hub
@@ -127,9 +131,12 @@ def run_safe_delta_job(job: SafeDeltaJob, *, reuse: bool = False) -> dict:
     timings = {}
 
     start = time.perf_counter()
-    cfg, aligned = io.load_model(job.aligned)
+    stream = job.safedelta.stream_layers > 0
+    # Streaming keeps both models in host memory (the CPU device): only layers travel to the accelerator.
+    with jax.default_device(jax.devices("cpu")[0]) if stream else contextlib.nullcontext():
+        cfg, aligned = io.load_model(job.aligned)
+        ft_cfg, finetuned = load_finetuned(job.finetuned, cfg, aligned)
     tokenizer = load_tokenizer(job.aligned)
-    ft_cfg, finetuned = load_finetuned(job.finetuned, cfg, aligned)
     if ft_cfg.replace(lora=None) != cfg.replace(lora=None):
         raise SafetradeError(f"{job.finetuned} is not the same architecture as {job.aligned}")
     timings["load_s"] = time.perf_counter() - start
@@ -138,7 +145,7 @@ def run_safe_delta_job(job: SafeDeltaJob, *, reuse: bool = False) -> dict:
     rows = calibration_rows(job.calibration, job.n_calibration, job.seed)
     examples, report, batches = calibration_batches(tokenizer, rows, job.max_len, job.batch_size)
     cache_dir = job.cache_dir or os.fspath(hub.cache_dir() / "hessians")
-    hessians = collect_llama_hessians(cfg, aligned, batches, cache_dir=cache_dir)
+    hessians = collect_llama_hessians(cfg, aligned, batches, cache_dir=cache_dir, stream=stream)
     timings["hessians_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

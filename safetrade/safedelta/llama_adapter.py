@@ -9,18 +9,39 @@ The Hessians come from the model's own forward (its layer scan included) through
 one input and gate/up another, and the arrays are named after those inputs ("attn_input", "o_proj_input",
 "mlp_input", "down_proj_input"), as the reports have always called them. `kernel_hessians` turns such per-input
 dicts (or keys by projection name or full path) into the per-kernel mapping `safe_delta` takes.
+
+`collect_llama_hessians(..., stream=True)` runs the same forward one decoder layer at a time instead: the params
+stay where they are (host memory, for a 7-8B model), each layer's weights go to the device in turn, and every
+batch's residual stream stays on the device between layers; the Hessians come back to host memory layer by layer.
+The device then holds one layer's weights and Grams and the calibration set's activations, not the whole model and
+every layer's Grams (tens of GB at 7-8B). The results and the cache file are the same as the one-pass collection's
+(tests/test_safedelta_stream.py compares them bit for bit).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from safetrade.models import llama
+from safetrade.safedelta.capture import Capture
 from safetrade.safedelta.config import SafeDeltaConfig, SafeDeltaError
-from safetrade.safedelta.hessians import KernelHessians, collect_hessians
+from safetrade.safedelta.hessians import (
+    KernelHessians,
+    batch_step,
+    cached_collection,
+    collect_hessians,
+    count_sequences,
+    describe_forward,
+    hessian_of,
+    linear_classes,
+)
 from safetrade.safedelta.tree import safe_delta
 
 PROJECTIONS = llama.LORA_TARGETS  # q, k, v, o, gate, up, down: every linear layer of a decoder block
@@ -96,14 +117,90 @@ def _named_by_input(hessians: KernelHessians) -> KernelHessians:
 
 
 def collect_llama_hessians(cfg: llama.LlamaConfig, params, batches: Iterable[Mapping[str, Any]], *,
-                           cache_dir=None) -> KernelHessians:
+                           cache_dir=None, stream: bool = False) -> KernelHessians:
     """`collect_hessians` on our Llama: [L, d, d] float32 per projection kernel, from the aligned `params`.
 
     `batches`: dicts with input_ids [B, T] and (optional) attention_mask [B, T]. Rematerialisation is switched
-    off for the capture (it changes no value, and its trace would hide the layer inputs).
+    off for the capture (it changes no value, and its trace would hide the layer inputs). stream=True: one layer
+    at a time (module docstring), the Hessians returned as numpy arrays in host memory.
     """
     if cfg.lora is not None:
         raise SafeDeltaError("collect_hessians needs the aligned model without adapters (cfg.lora is set)")
-    hessians = collect_hessians(llama.graphdef(cfg.replace(remat=False)), params, normalised_batches(batches),
-                                call=_forward, kernels=KERNELS, cache_dir=cache_dir, cache_key=repr(cfg))
+    forward_cfg, batches = cfg.replace(remat=False), normalised_batches(batches)
+    if not stream:
+        hessians = collect_hessians(llama.graphdef(forward_cfg), params, batches, call=_forward, kernels=KERNELS,
+                                    cache_dir=cache_dir, cache_key=repr(cfg))
+        return _named_by_input(hessians)
+    # The one-pass collection's description and cache key: both paths read and write the same cache files.
+    description = describe_forward(llama.graphdef(forward_cfg), _forward, None, repr(cfg))
+    hessians = cached_collection(cache_dir, description, params, batches,
+                                 lambda: _streamed(forward_cfg, params, batches), on_host=True)
     return _named_by_input(hessians)
+
+
+def batch_hessian_step(cfg: llama.LlamaConfig):
+    """The jitted program the one-pass collection runs per batch: fn(params, (), batch) -> {group: Σ XᵀX}."""
+    return batch_step(llama.graphdef(cfg.replace(remat=False)), call=_forward, kernels=KERNELS)
+
+
+class _LayerPrograms:
+    """The streamed collection's two jitted programs for one config.
+
+    embed(embedding, input_ids) -> h, the residual stream entering block 0 (the model's own Embed module);
+    layer(layer_params, h, mask) -> (h after the block, {group: Σ XᵀX of this layer}), the model's own Block run
+    under a Capture, as the layer scan's body runs it (same positions, rotary frequencies and mask). `names` (kernel
+    path -> group, with the `blocks/` prefix the one-pass collection's paths have) is filled in at the first trace.
+    """
+
+    def __init__(self, cfg: llama.LlamaConfig):
+        model = nnx.eval_shape(lambda: llama.Llama(cfg, nnx.Rngs(0)))
+        embed_graph, block_graph = nnx.split(model.embed)[0], nnx.split(model.blocks)[0]
+        inv_freq = llama.rope_inverse_frequencies(cfg)
+        selected = {path.removeprefix("blocks/") for path in KERNELS}.__contains__
+        self.names: dict[str, str] = {}
+
+        def embed(embedding, input_ids):
+            return nnx.merge(embed_graph, {"embedding": embedding})(input_ids)
+
+        def layer(layer_params, h, mask):
+            block = nnx.merge(block_graph, layer_params)
+            with Capture(layer_params, mask, selected, linear_classes(block)) as capture:
+                h, _, _ = block(h, llama.positions_from_mask(mask), jnp.asarray(inv_freq), mask.astype(bool))
+            grams, names = capture.finish()
+            self.names = {f"blocks/{path}": f"blocks/{name}" for path, name in names.items()}
+            return h, {f"blocks/{name}": gram for name, gram in grams.items()}
+
+        self.embed, self.layer = jax.jit(embed), jax.jit(layer)
+
+
+@functools.lru_cache(maxsize=8)
+def layer_programs(cfg: llama.LlamaConfig) -> _LayerPrograms:
+    """The streamed collection's per-layer programs for `cfg` (remat off), compiled once per shape."""
+    return _LayerPrograms(cfg.replace(remat=False))
+
+
+def _streamed(cfg: llama.LlamaConfig, params, batches: list[dict]) -> tuple[KernelHessians, int]:
+    """(Hessians as numpy [L, d, d], N): every batch through layer l before any goes through layer l + 1.
+
+    Per layer the Grams of the batches are summed in batch order and scaled by `hessian_of`, exactly as the
+    one-pass collection does with the stacked arrays, so each layer's float32 Hessian has the same value.
+    """
+    programs, device = layer_programs(cfg), jax.devices()[0]
+    embedding = jax.device_put(params["embed"]["embedding"], device)
+    streams = [programs.embed(embedding, jax.device_put(b["input_ids"], device)) for b in batches]
+    masks = [jax.device_put(b["attention_mask"], device) for b in batches]
+    del embedding
+    sequences = sum(count_sequences(b) for b in batches)
+    arrays: dict[str, np.ndarray] = {}
+    for index in range(cfg.num_layers):
+        layer_params = jax.device_put(jax.tree.map(lambda x: x[index], params["blocks"]), device)
+        sums = None
+        for i, mask in enumerate(masks):
+            streams[i], grams = programs.layer(layer_params, streams[i], mask)
+            sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
+        for name, total in sums.items():
+            if name not in arrays:
+                arrays[name] = np.empty((cfg.num_layers, *total.shape), np.float32)
+            arrays[name][index] = np.asarray(jax.device_get(hessian_of(total, sequences)))
+        del layer_params, sums
+    return KernelHessians(arrays, programs.names), sequences

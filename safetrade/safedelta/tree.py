@@ -16,6 +16,11 @@ per-layer rules (layer.py) run on the [in, out] view either way, so an [out, in]
 kernel gives the transposed result of its [in, out] transpose, bit for bit. Leading axes beyond the last two are
 layers ([L, in, out] with [L, in, in] Hessians; several leading axes are flattened into one), run through
 `lax.map` (cfg.layer_batch of them vmapped together).
+
+With cfg.stream_layers = n > 0 a stacked kernel, its fine-tuned version and its Hessian are read in host memory
+(numpy; device arrays are copied to the host first) and only n layers at a time are sent to the device, through
+the same compiled per-layer program; the edited kernels come back as numpy arrays. A 7-8B model's aligned,
+fine-tuned and Hessian trees (~100 GB in float32) then never have to fit on the device together.
 """
 
 from __future__ import annotations
@@ -94,22 +99,41 @@ def _finite_per_layer(x, minus=None):
     return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
+def _finite_per_layer_on_host(x, minus=None) -> np.ndarray:
+    """`_finite_per_layer` in numpy, one layer at a time (a float32 temporary of one layer, not of the stack)."""
+    def finite(layer):
+        v = x[layer].astype(np.float32) if minus is None else x[layer].astype(np.float32) - minus[layer].astype(
+            np.float32)
+        return bool(np.isfinite(v).all())
+
+    return np.array([finite(layer) for layer in range(x.shape[0])], bool)
+
+
 def _bad_layers(finite_per_layer) -> list[int]:
     return [int(i) for i in np.flatnonzero(~np.asarray(finite_per_layer))]
 
 
 def _as_in_out(kernel, layout: str):
-    return kernel if layout == "in_out" else jnp.swapaxes(kernel, -1, -2)
+    if layout == "in_out":
+        return kernel
+    return np.swapaxes(kernel, -1, -2) if isinstance(kernel, np.ndarray) else jnp.swapaxes(kernel, -1, -2)
 
 
-def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: str):
-    """(aligned, fine-tuned, Hessian) as [L, in, out], [L, in, out], [L, in, in], each checked, naming `path`."""
+def _on_host(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: str, on_host: bool = False):
+    """(aligned, fine-tuned, Hessian) as [L, in, out], [L, in, out], [L, in, in], each checked, naming `path`;
+    numpy arrays in host memory when `on_host` (checked there, layer by layer), else device arrays."""
     if np.ndim(w_a) < 2:
         raise SafeDeltaError(f"{path}: a kernel needs at least 2 axes, got shape {tuple(np.shape(w_a))}")
     name = hessian_name(hessians, path)
-    w_a, w_f = _as_in_out(jnp.asarray(w_a), layout), _as_in_out(jnp.asarray(w_f), layout)
+    to_array, finite_per_layer = (_on_host, _finite_per_layer_on_host) if on_host else (jnp.asarray,
+                                                                                          _finite_per_layer)
+    w_a, w_f = _as_in_out(to_array(w_a), layout), _as_in_out(to_array(w_f), layout)
     lead, d_in = w_a.shape[:-2], w_a.shape[-2]
-    hessian = jnp.asarray(hessians[path])
+    hessian = to_array(hessians[path])
     if tuple(hessian.shape) != (*lead, d_in, d_in):
         raise SafeDeltaError(f"Hessian {name!r} for {path} has shape {tuple(hessian.shape)}; expected "
                              f"{(*lead, d_in, d_in)} (layout={layout!r}: inputs are axis "
@@ -117,10 +141,10 @@ def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: st
     layers = int(np.prod(lead, dtype=np.int64))
     w_a, w_f = w_a.reshape(layers, *w_a.shape[-2:]), w_f.reshape(layers, *w_f.shape[-2:])
     hessian = hessian.reshape(layers, d_in, d_in)
-    bad = _bad_layers(_finite_per_layer(hessian))
+    bad = _bad_layers(finite_per_layer(hessian))
     if bad:
         raise SafeDeltaError(f"Hessian {name!r} for {path} has non-finite entries in layer(s) {bad}")
-    bad = _bad_layers(_finite_per_layer(w_f, w_a))
+    bad = _bad_layers(finite_per_layer(w_f, w_a))
     if bad:
         raise SafeDeltaError(f"{path}: fine-tuned minus aligned has non-finite entries in layer(s) {bad}")
     return w_a, w_f, hessian, lead, name
@@ -128,14 +152,30 @@ def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: st
 
 def _run_rule(w_a, w_f, hessian, key, cfg: SafeDeltaConfig, stacked: bool):
     """The per-layer rule on [L, in, out] kernels: lax.map over layers, or one plain call for a single kernel
-    (the program `apply_layer` runs, so a 2-D kernel costs no extra compilation). Stats come back on the host."""
-    if stacked:
-        keys = jax.random.split(key, w_a.shape[0])
-        kernel, stats = stacked_layers(w_a, w_f, hessian, keys, traced_knobs(cfg, w_a.shape), static_structure(cfg))
-    else:
+    (the program `apply_layer` runs, so a 2-D kernel costs no extra compilation). Stats come back on the host.
+
+    With cfg.stream_layers = n the host arrays go to the device n layers at a time, each chunk through
+    `stacked_layers` with the per-layer keys of the whole stack; n is a multiple of layer_batch, so every chunk
+    groups its layers as lax.map groups the whole stack. The kernel comes back as a host array.
+    """
+    if not stacked:
         kernel, stats = apply_layer(w_a[0], w_f[0], hessian[0], cfg, key)
         kernel, stats = kernel[None], jax.tree.map(lambda v: jnp.asarray(v)[None], stats)
-    return kernel, jax.device_get(stats)
+        return (_on_host(kernel) if cfg.stream_layers else kernel), jax.device_get(stats)
+    keys = jax.random.split(key, w_a.shape[0])
+    knobs, structure = traced_knobs(cfg, w_a.shape), static_structure(cfg)
+    if not cfg.stream_layers:
+        kernel, stats = stacked_layers(w_a, w_f, hessian, keys, knobs, structure)
+        return kernel, jax.device_get(stats)
+    kernel, chunks = np.empty(w_a.shape, w_a.dtype), []
+    for start in range(0, w_a.shape[0], cfg.stream_layers):
+        layers = slice(start, start + cfg.stream_layers)
+        device = [jax.device_put(np.ascontiguousarray(x[layers])) for x in (w_a, w_f, hessian)]
+        chunk, stats = stacked_layers(*device, keys[layers], knobs, structure)
+        kernel[layers] = _on_host(chunk)
+        chunks.append(jax.device_get(stats))
+        del device, chunk  # this chunk's device buffers go before the next chunk's arrive
+    return kernel, {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
 def _layer_stats(stats: dict, stacked: bool) -> dict:
@@ -179,7 +219,7 @@ def safe_delta(aligned, finetuned, hessians: Mapping[str, Any], cfg: SafeDeltaCo
 
     for index, path in enumerate(chosen):
         w_a, w_f, hessian, lead, name = _checked_inputs(path, leaves_a[path], leaves_f[path], hessians,
-                                                        layouts[path])
+                                                        layouts[path], on_host=bool(cfg.stream_layers))
         new_kernel, stats = _run_rule(w_a, w_f, hessian, jax.random.fold_in(base_key, index), cfg, bool(lead))
         failed = _bad_layers(stats["factor_ok"])
         if failed:
