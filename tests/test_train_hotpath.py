@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from safetrade.errors import SafetradeError
 from safetrade.models import llama
 from safetrade.train import loop, step as step_lib
 from safetrade.train.checkpoint import Checkpoints, abstract_like
@@ -53,7 +54,7 @@ def counted_fetches(monkeypatch):
 
     def counting(tree):
         host = original(tree)
-        seen.append(int(host["step"]))
+        seen.append(host.step)
         return host
 
     monkeypatch.setattr(loop, "fetch_to_host", counting)
@@ -218,3 +219,11 @@ def test_a_second_evaluation_over_the_same_shapes_compiles_nothing():
         continuation_logprobs(cfg, other, ByteTokenizer(), prompts, "Sure", batch_size=2)
         loop.run(JITTED_STEP, fresh_state(), {}, batches, loop.LoopConfig(steps=3, log_every=2, progress=False))
     assert second == []
+
+
+def test_a_non_scalar_metric_is_a_clear_error():
+    def step(state, batch, frozen):
+        return state + 1, {"loss": jnp.float32(1.0), "per_row": jnp.ones(3)}
+
+    with pytest.raises(SafetradeError, match=r"metric 'per_row' has shape \(3,\): the loop logs scalars only"):
+        loop.run(jax.jit(step), jnp.int32(0), {}, lambda k: None, loop.LoopConfig(steps=2, progress=False))

@@ -61,11 +61,6 @@ def _tensorboard(out: Path | None):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def fetch_to_host(tree):
-    """The loop's only device -> host copy of training metrics (one call = one sync; tests wrap it to count)."""
-    return jax.device_get(tree)
-
-
 def one_ahead(make: Callable[[int], Any], ks: Iterable[int]) -> Iterator[Any]:
     """Yield make(k) for each k in ks, having already called make(k + 1) when make(k) is handed out.
 
@@ -85,49 +80,92 @@ def one_ahead(make: Callable[[int], Any], ks: Iterable[int]) -> Iterator[Any]:
     yield current
 
 
-def _as_f32(metrics):
-    return {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["counters", "values"], meta_fields=["names"])
+@dataclasses.dataclass(frozen=True)
+class Tracker:
+    """The loop's running account of the metrics, kept on the device between host syncs, in two small arrays
+    (so a sync is two transfers, whatever the number of metrics):
+
+    counters int32[3]: steps done, steps in the current window, first step whose metrics were not all finite (0:
+        none yet); values float32[2, n]: the window's sums of each metric in `names`, and that first non-finite
+        step's metrics (for the error message).
+
+    The properties read a host copy (`fetch_to_host(tracker)`).
+    """
+
+    counters: Any
+    values: Any
+    names: tuple[str, ...]
+
+    @property
+    def step(self) -> int:
+        return int(self.counters[0])
+
+    @property
+    def count(self) -> int:
+        return int(self.counters[1])
+
+    @property
+    def first_bad(self) -> int:
+        return int(self.counters[2])
+
+    @property
+    def sums(self) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(self.names, np.asarray(self.values[0]), strict=True)}
+
+    @property
+    def bad_values(self) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(self.names, np.asarray(self.values[1]), strict=True)}
 
 
-def _add_step(tracker, metrics):
-    """Add one step's metrics to the window; remember the first step at which any metric was not finite, and
-    the metrics of that step (for the error message)."""
-    values = _as_f32(metrics)
-    step = tracker["step"] + 1
-    finite = functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(v)) for v in values.values()), jnp.bool_(True))
-    newly_bad = (tracker["first_bad"] == 0) & ~finite
-    return {"step": step, "sums": jax.tree.map(jnp.add, tracker["sums"], values), "count": tracker["count"] + 1,
-            "first_bad": jnp.where(newly_bad, step, tracker["first_bad"]),
-            "bad_values": jax.tree.map(lambda v, old: jnp.where(newly_bad, v, old), values, tracker["bad_values"])}
+def fetch_to_host(tracker: Tracker) -> Tracker:
+    """The loop's only device -> host copy of training metrics (one call = one sync; tests wrap it to count)."""
+    return jax.device_get(tracker)
+
+
+def _stacked(metrics, names: tuple[str, ...]) -> jax.Array:
+    for name in names:
+        if jnp.shape(metrics[name]) != ():
+            raise SafetradeError(f"train step metric {name!r} has shape {jnp.shape(metrics[name])}: the loop logs "
+                                 "scalars only (reduce it in the step)")
+    return jnp.stack([jnp.asarray(metrics[name], jnp.float32) for name in names])
+
+
+def _add_step(tracker: Tracker, values: jax.Array, new_window: bool) -> Tracker:
+    step = tracker.counters[0] + 1
+    count = 1 if new_window else tracker.counters[1] + 1
+    sums = values if new_window else tracker.values[0] + values  # a window of one holds the value itself
+    newly_bad = (tracker.counters[2] == 0) & ~jnp.all(jnp.isfinite(values))
+    first_bad = jnp.where(newly_bad, step, tracker.counters[2])
+    bad_values = jnp.where(newly_bad, values, tracker.values[1])
+    return Tracker(jnp.stack([step, jnp.asarray(count, jnp.int32), first_bad]), jnp.stack([sums, bad_values]),
+                   tracker.names)
 
 
 @jax.jit
-def _track_first(metrics, steps_before):
-    """The tracker after the first step of a run (or resume) that started after `steps_before` steps."""
-    zeros = jax.tree.map(jnp.zeros_like, _as_f32(metrics))
-    empty = {"step": jnp.asarray(steps_before, jnp.int32), "sums": zeros, "count": jnp.zeros((), jnp.int32),
-             "first_bad": jnp.zeros((), jnp.int32), "bad_values": zeros}
-    return _add_step(empty, metrics)
+def _track_first(metrics, steps_before) -> Tracker:
+    """The tracker after the first step of a run (or a resume) that starts after `steps_before` steps."""
+    names = tuple(sorted(metrics))
+    empty = Tracker(jnp.stack([jnp.asarray(steps_before, jnp.int32), jnp.int32(0), jnp.int32(0)]),
+                    jnp.zeros((2, len(names)), jnp.float32), names)
+    return _add_step(empty, _stacked(metrics, names), new_window=True)
 
 
-_track = jax.jit(_add_step)
+@functools.partial(jax.jit, static_argnames="new_window")
+def _track(tracker: Tracker, metrics, new_window: bool) -> Tracker:
+    """Add one step's metrics (starting a new window after a record was written); remember the first step at
+    which any metric was not finite. Two compiles per metrics structure (new_window True / False)."""
+    return _add_step(tracker, _stacked(metrics, tracker.names), new_window)
 
 
-@jax.jit
-def _next_window(tracker):
-    """The tracker with its window emptied (after a record was written); step and first_bad carry on."""
-    return {**tracker, "sums": jax.tree.map(jnp.zeros_like, tracker["sums"]), "count": jnp.zeros((), jnp.int32)}
-
-
-def _raise_if_diverged(host: dict, synced_at: int, last_good: int, ckpt: Checkpoints | None) -> None:
-    first_bad = int(host["first_bad"])
-    if not first_bad:
+def _raise_if_diverged(host: Tracker, synced_at: int, last_good: int, ckpt: Checkpoints | None) -> None:
+    if not host.first_bad:
         return
-    values = {name: float(np.asarray(v)) for name, v in host["bad_values"].items()}
+    values = host.bad_values
     bad = [name for name, v in values.items() if not math.isfinite(v)]
     raise TrainingDiverged(
-        f"step {first_bad}: non-finite {', '.join(bad)} ({values}); stopped (seen at step {synced_at}: the host "
-        f"checks metrics at log, eval and save steps). The last good checkpoint is step {last_good}"
+        f"step {host.first_bad}: non-finite {', '.join(bad)} ({values}); stopped (seen at step {synced_at}: the "
+        f"host checks metrics at log, eval and save steps). The last good checkpoint is step {last_good}"
         + (f" in {ckpt.directory}" if ckpt else "") + ". Lower the learning rate or enable clipping."
     )
 
@@ -167,12 +205,16 @@ def run(
     board = _tensorboard(out)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, desc="train")
     last_good = start
-    tracker = None
+    tracker, new_window = None, True
     try:
         t0, tokens_since = time.perf_counter(), 0.0
         for k, batch in zip(range(start, cfg.steps), one_ahead(batches, range(start, cfg.steps))):
             state, metrics = step_fn(state, batch, frozen)
-            tracker = _track_first(metrics, start) if tracker is None else _track(tracker, metrics)
+            if tracker is None:
+                tracker = _track_first(metrics, start)
+            else:
+                tracker = _track(tracker, metrics, new_window=new_window)
+            new_window = False
             bar.update(1)  # counts dispatched steps; needs nothing from the device
             step = k + 1
             is_last = step == cfg.steps
@@ -184,14 +226,14 @@ def run(
             host = fetch_to_host(tracker)  # waits for this step: the window's sums and the first bad step
             _raise_if_diverged(host, step, last_good, ckpt)  # before evaluating or saving a diverged state
             if log_now or eval_now:
-                count = int(host["count"])
-                record = {"step": step, **{name: float(np.asarray(v)) / count for name, v in host["sums"].items()}}
-                if "tokens" in host["sums"]:  # real (non-padding) tokens, averaged since start or resume
-                    tokens_since += float(np.asarray(host["sums"]["tokens"]))
+                sums, count = host.sums, host.count
+                record = {"step": step, **{name: total / count for name, total in sums.items()}}
+                if "tokens" in sums:  # real (non-padding) tokens, averaged since start or resume
+                    tokens_since += sums["tokens"]
                     record["tokens_per_s"] = tokens_since / max(time.perf_counter() - t0, 1e-9)
                 if eval_now:
                     record.update({f"eval/{name}": v for name, v in evaluate(state).items()})
-                tracker = _next_window(tracker)
+                new_window = True
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
