@@ -28,8 +28,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"registered name, .gguf file, HF directory or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight and compute dtype (default: float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weight and compute dtype; auto: bfloat16 compute on gpu/tpu, float32 on cpu, float32 "
+                        "weights (default: auto)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

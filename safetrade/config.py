@@ -29,8 +29,8 @@ class ConfigError(SafetradeError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     name: str = "smollm2-135m-instruct"  # registered name, .gguf, HF dir, or hub id
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"  # master weights (keep float32 for bf16 compute with fp32 masters)
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on gpu/tpu, float32 on cpu (models/io.py resolve_dtypes)
+    param_dtype: str = "float32"  # master weights (keep float32 for bf16 compute with fp32 masters; auto = float32)
     remat: bool = False
 
 

@@ -28,7 +28,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from safetrade.errors import SafetradeError
 from safetrade.hub import resolve_model
-from safetrade.models.gguf_meta import read_gguf
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -97,6 +96,8 @@ _PRE_TOKENIZERS = {
 
 def tokenizer_from_gguf(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """A transformers fast tokenizer built from a GGUF file's tokenizer metadata (no torch)."""
+    from safetrade.models.gguf_meta import read_gguf  # imports gguf, absent where only HF directories are used
+
     path = Path(path)
     _, meta = read_gguf(path)
     backend = _backend_from_meta(meta, path)

@@ -236,12 +236,48 @@ def _load(cfg: LlamaConfig, fetch, where: str, mesh: Mesh | None) -> Params:
     return params
 
 
+# Backends where dtype="auto" computes in bfloat16 (their matmul units are built for it; the float32 master weights
+# keep the optimizer exact). Everywhere else, the CPU above all, it is float32: bf16 matmuls are emulated there,
+# slower than float32, and the golden and parity tests are float32.
+BF16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_dtypes(dtype: str = "auto", param_dtype: str = "float32", backend: str | None = None) -> tuple[str, str]:
+    """(compute dtype, param dtype) with "auto" resolved for `backend` (default: jax.default_backend()).
+
+    Compute "auto": bfloat16 on gpu/tpu, float32 on cpu. Params "auto": float32 on every backend (masters). Any other
+    value is returned as given (LlamaConfig validates it). Every loader resolves through here, so the train, evaluate,
+    safedelta, sqsd and generate commands pick the same dtypes on the same machine.
+    """
+    if "auto" in (dtype, param_dtype):
+        backend = backend or jax.default_backend()
+    if dtype == "auto":
+        dtype = "bfloat16" if backend in BF16_BACKENDS else "float32"
+    if param_dtype == "auto":
+        param_dtype = "float32"
+    return dtype, param_dtype
+
+
+def _resolved_overrides(config_overrides: dict) -> dict:
+    """The loaders' config overrides with dtype / param_dtype "auto" resolved (resolve_dtypes)."""
+    if "auto" not in (config_overrides.get("dtype"), config_overrides.get("param_dtype")):
+        return config_overrides
+    dtype, param_dtype = resolve_dtypes(config_overrides.get("dtype", "float32"),
+                                        config_overrides.get("param_dtype", "float32"))
+    return {**config_overrides, "dtype": dtype, "param_dtype": param_dtype}
+
+
 def load_hf(directory: str | os.PathLike, *, mesh: Mesh | None = None, **config_overrides) -> tuple[LlamaConfig, Params]:
-    """Load an HF safetensors directory (single file or sharded index) onto `mesh` (or the default device)."""
+    """Load an HF safetensors directory (single file or sharded index) onto `mesh` (or the default device).
+
+    `config_overrides` replace LlamaConfig fields; dtype / param_dtype may be "auto" (resolve_dtypes). Without
+    them the config's float32 defaults hold.
+    """
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise MissingPathError(f"{config_path} not found; an HF model directory needs config.json + safetensors")
+    config_overrides = _resolved_overrides(config_overrides)
     cfg = llama.config_from_hf(json.loads(config_path.read_text()), where=str(config_path), **config_overrides)
     reader = SafetensorsReader(directory)
     expected = {spec.hf.format(i=i) for spec in weight_specs(cfg) for i in range(cfg.num_layers)}
@@ -263,9 +299,11 @@ def load_gguf(path: str | os.PathLike, *, mesh: Mesh | None = None, undo_rope_pe
     """Load a GGUF file (any quantisation `gguf` can dequantise) as float32-or-`param_dtype` params.
 
     `undo_rope_permutation=False` exists only to demonstrate, in a test, that skipping it breaks the model.
+    dtype / param_dtype overrides may be "auto" (resolve_dtypes), as in load_hf.
     """
     from safetrade.models.gguf_meta import read_gguf  # imports gguf, absent where only HF safetensors are used
 
+    config_overrides = _resolved_overrides(config_overrides)
     path = Path(path)
     reader, meta = read_gguf(path)
     tensors = GGUFTensorReader(path, reader)
@@ -279,9 +317,14 @@ def load_gguf(path: str | os.PathLike, *, mesh: Mesh | None = None, undo_rope_pe
     return cfg, _load(cfg, fetch, str(path), mesh)
 
 
-def load_model(source: str | os.PathLike, *, mesh: Mesh | None = None, **config_overrides) -> tuple[LlamaConfig, Params]:
-    """A model name, GGUF file or HF directory -> (config, params)."""
+def load_model(source: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str = "auto",
+               param_dtype: str = "float32", **config_overrides) -> tuple[LlamaConfig, Params]:
+    """A model name, GGUF file or HF directory -> (config, params).
 
+    The compute dtype defaults to "auto" (resolve_dtypes: bfloat16 on gpu/tpu, float32 on cpu), with float32
+    params: the one default every command that loads a model by name shares.
+    """
+    config_overrides = {**config_overrides, "dtype": dtype, "param_dtype": param_dtype}
     path = hub.resolve_model(str(source))
     if path.is_dir():
         return load_hf(path, mesh=mesh, **config_overrides)

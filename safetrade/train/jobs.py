@@ -193,7 +193,9 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
     io.save_hf(out / "hf", export_cfg, final, tokenizer=tokenizer)
     summary = {"out_dir": str(out), "steps": job.steps, "strategy": job.strategy.name, "lora": job.lora.enabled,
                "eval_before": before, "eval_after": after, "seconds": time.perf_counter() - started,
-               "devices": jax.device_count(), "rows_kept": {k: v["kept"] for k, v in reports.items()}}
+               "devices": jax.device_count(), "rows_kept": {k: v["kept"] for k, v in reports.items()},
+               # model.dtype "auto" as resolved on this backend (models/io.py resolve_dtypes)
+               "backend": jax.default_backend(), "dtype": base_cfg.dtype, "param_dtype": base_cfg.param_dtype}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
