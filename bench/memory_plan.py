@@ -20,6 +20,8 @@ also returns each compile's memory). Programs, with Llama-3-8B (`llama3_8b`) or 
                             LoRA r = 16 (alpha 32) on q,k,v,o,gate,up,down; fp32 adapters, AdamW moments and fp32
                             frozen base weights; bf16 compute; remat; 1 or 8 sequences of 2048 tokens
   full_8b_{1,8}x2048        the same step, full fine-tuning: fp32 masters + AdamW moments, bf16 compute, remat
+  full_8b_{1,8}x2048_noclip the same without global-norm clipping (optim.clip_norm=0): on the CPU backend the
+                            clipped gradients are a second fp32 copy of the gradients (~25 GiB at 8B)
   full_8b_8x2048_fsdp{2,4,8}  full fine-tuning at 8 x 2048 on N simulated devices, params and moments sharded by
                             fsdp (mesh data 1 x fsdp N), the batch split N ways: per-device figures
   hessians_{7b,8b}          the one-pass Hessian collection's per-batch program (collect_llama_hessians: the whole
@@ -117,11 +119,11 @@ def _mesh(devices: int, fsdp: int):
 # Programs
 
 
-def _train(preset: str, batch: int, *, lora: bool, fsdp: int = 1):
+def _train(preset: str, batch: int, *, lora: bool, fsdp: int = 1, optim: OptimSection = OPTIM):
     def build(scale: Scale, devices: int) -> dict:
         cfg = scale.cfg(preset).replace(dtype="bfloat16", param_dtype="float32", remat=True)
         fn, args = train_step_program(cfg, _mesh(devices, fsdp), batch, scale.seq, lora=LORA if lora else None,
-                                      optim=OPTIM)
+                                      optim=optim)
         state, _, frozen = args
         return {"fn": fn, "args": args, "need": lambda memory: memory["peak_bytes"],
                 "need_is": "peak (the step's state is donated: it is the arguments, aliased to the outputs)",
@@ -148,16 +150,20 @@ def _hessians(preset: str):
         # the activations, not the weights or the Grams)
         cfg = scale.cfg(preset)
         sums = _gram_bytes(cfg, cfg.num_layers)
+        params = llama.abstract_params(cfg)
 
         def need(memory):
             # While the program runs, the running sums S sit beside it; then collect_hessians adds its output
-            # outside the program, holding the params, that output, S and the new sums together.
+            # outside the program, holding the params, that output, S and the new sums together. The program
+            # does not read lm_head (jit leaves the unused argument out), but the params tree holds it.
             b = memory["bytes"]
-            return max(memory["peak_bytes"] + sums, b["arguments"] + b["outputs"] + 2 * sums)
+            unused = max(0, nbytes(params) - b["arguments"])
+            return unused + max(memory["peak_bytes"] + sums, b["arguments"] + b["outputs"] + 2 * sums)
 
         return {"fn": llama_adapter.batch_hessian_step(cfg),
-                "args": (llama.abstract_params(cfg), (), _calibration_batch(scale)), "need": need,
-                "need_is": "max(peak + S, arguments + outputs + 2 S), S = the running Gram sums [L, d, d]",
+                "args": (params, (), _calibration_batch(scale)), "need": need,
+                "need_is": "max(peak + S, arguments + outputs + 2 S) + the params it does not read (lm_head), "
+                           "S = the running Gram sums [L, d, d]",
                 "notes": {"tokens": f"{scale.calibration_batch} x {scale.calibration_len} per call, "
                                     f"{scale.calibration_rows // scale.calibration_batch} calls",
                           "gram_sum_bytes": sums}}
@@ -249,14 +255,15 @@ def _safedelta_stream(preset: str):
         chunk = jax.ShapeDtypeStruct((sd.stream_layers, d_in, d_out), kernels[path].dtype)
         h = jax.ShapeDtypeStruct((sd.stream_layers, d_in, d_in), jnp.float32)
         keys = jax.ShapeDtypeStruct((sd.stream_layers,), jax.random.key(0).dtype)
-        host = 3 * nbytes(llama.abstract_params(cfg)) + nbytes(hessians)
+        # Both models, the edited kernels (the result's other leaves are the aligned model's) and the Hessians.
+        host = 2 * nbytes(llama.abstract_params(cfg)) + nbytes(kernels) + nbytes(hessians)
         return {"fn": stacked_layers,
                 "args": (chunk, chunk, h, keys, traced_knobs(sd, chunk.shape), static_structure(sd)),
                 "need": lambda memory: memory["peak_bytes"],
                 "need_is": "peak of the per-chunk program (nothing else stays on the device)",
                 "notes": {"chunk": f"{path.split('/')[-2]}: {sd.stream_layers} x {d_in} x {d_out}",
                           "host_bytes": host,
-                          "host_is": "aligned + fine-tuned + result params + Hessians in host memory"}}
+                          "host_is": "aligned + fine-tuned models, edited kernels and Hessians in host memory"}}
     return build
 
 
@@ -267,6 +274,11 @@ def _programs() -> dict[str, Program]:
         Program("full_8b_1x2048", "llama3_8b", 1, "full FT, AdamW fp32 masters, 1 x 2048", _train("llama3_8b", 1, lora=False)),
         Program("full_8b_8x2048", "llama3_8b", 1, "full FT, AdamW fp32 masters, 8 x 2048", _train("llama3_8b", 8, lora=False)),
     ]
+    no_clip = dataclasses.replace(OPTIM, clip_norm=0.0)
+    for batch in (1, 8):
+        out.append(Program(f"full_8b_{batch}x2048_noclip", "llama3_8b", 1,
+                           f"full FT, {batch} x 2048, optim.clip_norm=0",
+                           _train("llama3_8b", batch, lora=False, optim=no_clip)))
     for n in (2, 4, 8):
         out.append(Program(f"full_8b_8x2048_fsdp{n}", "llama3_8b", n, f"full FT, 8 x 2048, fsdp over {n}",
                            _train("llama3_8b", 8, lora=False, fsdp=n)))
@@ -332,17 +344,18 @@ def _gib(n) -> str:
 def table(rows: list[dict]) -> str:
     """The markdown table of the rows (GiB per device)."""
     head = ("| program | what | devices | arguments | outputs | temporaries | aliased | peak | need | fits 80 GB "
-            "| fits 141 GB | compile s |")
-    lines = [head, "|" + "---|" * 3 + "---:|" * 6 + ":-:|:-:|---:|"]
+            "| fits 141 GB | host | compile s |")
+    lines = [head, "|" + "---|" * 3 + "---:|" * 6 + ":-:|:-:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 11)
             continue
         b = r["bytes"]
+        host = _gib(r["host_bytes"]) if "host_bytes" in r else ""
         lines.append(f"| {r['name']} | {r['summary']} | {r['devices']} | {_gib(b['arguments'])} | "
                      f"{_gib(b['outputs'])} | {_gib(b['temporaries'])} | {_gib(b['aliased'])} | "
                      f"{_gib(r['peak_bytes'])} | {_gib(r['need_bytes'])} | {'yes' if r['fits']['80 GB'] else 'no'} | "
-                     f"{'yes' if r['fits']['141 GB'] else 'no'} | {r['lower_s'] + r['compile_s']:.0f} |")
+                     f"{'yes' if r['fits']['141 GB'] else 'no'} | {host} | {r['lower_s'] + r['compile_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -385,7 +398,8 @@ def main(argv=None) -> None:
     print(table(rows))
     print(f"\npeak = arguments + outputs + temporaries - aliased (XLA memory_analysis, CPU backend: an estimate of "
           f"a GPU's); need = peak + what the caller keeps on the device (per row); fits = need <= {USABLE:.0%} of "
-          f"81559 MiB (80 GB) / 143771 MiB (141 GB). GiB per device.")
+          f"81559 MiB (80 GB) / 143771 MiB (141 GB); host = host memory a streamed program's caller holds. GiB "
+          f"per device.")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "scale": "tiny" if args.tiny else "full",
                                                "capacity_bytes": CAPACITY_BYTES, "usable_fraction": USABLE,

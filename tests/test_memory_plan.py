@@ -75,7 +75,7 @@ def test_hessian_programs(rows):
     one_pass, stream = rows["hessians_7b"], rows["hessians_7b_stream"]
     assert grams <= one_pass["bytes"]["outputs"] <= grams + 1024  # + the output tuple's pointers
     assert one_pass["bytes"]["arguments"] >= cfg.num_params * 4
-    assert one_pass["need_bytes"] >= one_pass["bytes"]["arguments"] + one_pass["bytes"]["outputs"] + 2 * grams
+    assert one_pass["need_bytes"] >= cfg.num_params * 4 + one_pass["bytes"]["outputs"] + 2 * grams  # whole params tree
     # per layer: one layer's Grams and the residual stream out, one layer's weights in
     assert stream["bytes"]["outputs"] >= grams // cfg.num_layers
     assert stream["peak_bytes"] < one_pass["peak_bytes"] and stream["need_bytes"] < one_pass["need_bytes"]
@@ -96,6 +96,7 @@ def test_safe_delta_programs(rows):
     assert stream["chunk"] == f"down_proj: 1 x {f} x {d}"
     assert stream["bytes"]["arguments"] >= 4 * (f * f + 2 * f * d) and stream["bytes"]["outputs"] >= 4 * f * d
     assert stream["need_bytes"] < whole["need_bytes"]
+    assert stream["host_bytes"] == 2 * cfg.num_params * 4 + kernels + hessians
 
 
 def test_fits_follow_the_rule(memory_plan, rows):
