@@ -50,7 +50,7 @@ bench: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/forward.py --torch-python $(TORCH_VENV)/bin/python
 
 bench-train: setup $(TORCH_VENV)/.installed
-	$(BIN)/python bench/train_step.py --torch-python $(TORCH_VENV)/bin/python
+	$(BIN)/python bench/train_step.py --torch-python $(TORCH_VENV)/bin/python --loop-log-every 1 10
 
 bench-eval: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/evaluate.py --torch-python $(TORCH_VENV)/bin/python

@@ -8,7 +8,9 @@ after --warmup untimed ones. Model FLOPs use MaxText's convention: 6·N per toke
 attention, 6·L·B·S²·H·Dh per step (forward QKᵀ and PV, halved for the causal mask, ×3 for the backward pass); for
 LoRA, frozen weights get no weight gradient: 4·N + 6·N_adapters. MFU divides by --peak-tflops (e.g. 989 for an
 H100's dense bf16 peak) or, when it is not given, by the measured throughput of a 2048³ fp32 matmul on the same
-device (a VM's CPU does not report the clocks and vector units a nominal peak needs).
+device (a VM's CPU does not report the clocks and vector units a nominal peak needs). `--loop-log-every 1 10` adds
+rows for the project's whole training loop (train/loop.py) around the full fine-tuning step, which reads metrics
+from the device only every log_every steps; tokens/s there is over the timed steps as a whole, not a median.
 """
 
 from __future__ import annotations
@@ -114,6 +116,28 @@ def bench_safetrade(model: str, batch: int, seq: int, steps: int, warmup: int, l
     return base_cfg, batch * seq / statistics.median(times), float(metrics["loss_cap"]), trainable
 
 
+def bench_loop(model: str, batch: int, seq: int, steps: int, warmup: int, dtype: str, log_every: int):
+    """tokens/s of the project's training loop (train/loop.py: host syncs, divergence checks, batch transfer)
+    around the same full fine-tuning step: `warmup` steps through the loop first (compiles), then `steps` timed."""
+    import jax
+    import optax
+
+    sys.path.insert(0, str(ROOT))
+    from safetrade.models import io
+    from safetrade.train import loop
+
+    cfg, params = io.load_model(model, dtype=dtype)
+    fn, state, frozen, _, _ = train_setup(cfg, params, optax.adamw(1e-5))
+    batch_arrays = random_token_batch(cfg.vocab_size, batch, seq)  # numpy: transferred every step, as in a job
+    quiet = dict(log_every=log_every, progress=False)
+    state = loop.run(fn, state, frozen, lambda k: batch_arrays, loop.LoopConfig(steps=warmup, **quiet))
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    state = loop.run(fn, state, frozen, lambda k: batch_arrays, loop.LoopConfig(steps=warmup + steps, **quiet))
+    jax.block_until_ready(state)
+    return batch * seq * steps / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -124,6 +148,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", help="compute dtype (master weights float32)")
     parser.add_argument("--torch-python", default=None, help="python of a venv with torch + transformers (+ peft)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, for MFU (0: not printed)")
+    parser.add_argument("--loop-log-every", type=int, nargs="*", default=[],
+                        help="also time train/loop.py's loop around the full fine-tuning step at these log_every "
+                             "values (e.g. 1 10)")
     parser.add_argument("--json", default=None, help="also write results here")
     args = parser.parse_args(argv)
 
@@ -156,6 +183,15 @@ def main(argv=None) -> None:
         rows.append({"step": name, "safetrade_tokens_per_s": tps, "torch_tokens_per_s": ref,
                      "ratio": tps / ref if ref else None, "model_tflops_per_s": flops / 1e12,
                      "mfu": flops / 1e12 / peak, "loss": loss})
+
+    full = rows[0]
+    for log_every in args.loop_log_every:
+        tps = bench_loop(args.model, args.batch, args.seq, args.steps, args.warmup, args.dtype, log_every)
+        ref = full["torch_tokens_per_s"]
+        rows.append({"step": f"loop{log_every}", "safetrade_tokens_per_s": tps, "torch_tokens_per_s": ref,
+                     "ratio": tps / ref if ref else None,
+                     "model_tflops_per_s": full["model_tflops_per_s"] * tps / full["safetrade_tokens_per_s"],
+                     "mfu": full["mfu"] * tps / full["safetrade_tokens_per_s"], "loss": None})
 
     import jax
 
