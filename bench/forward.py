@@ -204,7 +204,7 @@ def main(argv=None) -> int:
 
     path = hub.resolve_model(args.model)
     t = time.perf_counter()
-    cfg, params = io.load_model(path)  # fp32
+    cfg, params = io.load_model(path, dtype="float32")  # fp32 on every backend: both sides read the same weights
     print(f"model {path} ({cfg.num_params / 1e6:.0f}M params) loaded in {time.perf_counter() - t:.1f}s", flush=True)
 
     rng = np.random.default_rng(args.seed)

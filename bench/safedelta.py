@@ -223,7 +223,7 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     path = hub.resolve_model(args.aligned)
-    cfg, aligned = io.load_model(path)  # fp32
+    cfg, aligned = io.load_model(path, dtype="float32")  # fp32 on every backend, as the torch side
     tokenizer = load_tokenizer(path)
     if args.finetuned:
         ft_cfg, finetuned = load_finetuned(args.finetuned, cfg, aligned)

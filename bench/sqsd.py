@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     info = run_info(args, argv)
     t = time.perf_counter()
     path = hub.resolve_model(args.model)
-    cfg, base = io.load_model(path)  # fp32
+    cfg, base = io.load_model(path, dtype="float32")  # fp32 on every backend, as the torch side
     tokenizer = load_tokenizer(path)
     rows = pool_rows(args.pool, args.n, args.seed)
     examples, report = encode_rows(tokenizer, rows, max_len=args.max_len, policy="truncate", dataset=args.pool)
