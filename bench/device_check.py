@@ -65,9 +65,9 @@ if str(REPO) not in sys.path:  # `python3 bench/device_check.py` from a checkout
 WHEELS_HELP = """\
 missing pure-Python packages (the GPU image has no package index):
   The check itself needs nothing beyond the image (jax, flax, optax, orbax, chex, transformers, torch, peft,
-  safetensors, tokenizers, numpy, pyyaml, tqdm, scipy): it never reads GGUF files (gguf) or imports
-  datasets or rouge-score. Code that does (loading a GGUF model, a `datasets` id, ROUGE) can bring them as wheels inside the repository (64 MiB travel in all;
-  `.whl/` is already git-ignored). On a machine with pip access, in the repository root:
+  safetensors, tokenizers, numpy, pyyaml, tqdm, scipy): it never reads GGUF files (gguf) or imports datasets
+  or rouge-score. Code that does (a GGUF model, a `datasets` id, ROUGE) can bring them as wheels inside the
+  repository (64 MiB travel in all; `.whl/` is already git-ignored). On a machine with pip access, in the repository root:
     python3 -m pip download --no-deps --only-binary=:all: -d .whl gguf==0.19.0   # pure Python (py3-none-any)
     python3 -m pip wheel --no-deps -w .whl rouge_score==0.1.2                    # an sdist only: build the wheel
   (name every missing dependency too; `unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist` lists them),
