@@ -1079,10 +1079,9 @@ def part_safedelta(spec: dict, rec: Recorder) -> dict:
     import jax
     import numpy as np
 
-    from bench.safedelta import with_noise
+    from bench.safedelta import timed_request, with_noise
     from safetrade.models import llama
-    from safetrade.safedelta import SafeDeltaConfig, safe_delta
-    from safetrade.safedelta.llama_adapter import KERNELS, collect_llama_hessians
+    from safetrade.safedelta import SafeDeltaConfig
 
     cfg = llama.preset(spec["preset"]).replace(dtype=spec["dtype"], param_dtype=spec["dtype"])
     t = time.perf_counter()
@@ -1104,20 +1103,14 @@ def part_safedelta(spec: dict, rec: Recorder) -> dict:
     sd_cfg = SafeDeltaConfig(s=float(spec["s"]))
     with tempfile.TemporaryDirectory(prefix="hessians-", dir=spec["work_dir"]) as cache:
         for label in ("first", "cached"):
-            t = time.perf_counter()
-            hessians = collect_llama_hessians(cfg, aligned, batches, cache_dir=cache)
-            jax.block_until_ready(hessians.arrays)
-            hessians_s = time.perf_counter() - t
-            t = time.perf_counter()
-            result, report = safe_delta(aligned, finetuned, hessians, sd_cfg, kernels=KERNELS)
-            jax.block_until_ready(result)
-            transform_s = time.perf_counter() - t
+            hessians_s, transform_s, result, report = timed_request(cfg, aligned, finetuned, batches, sd_cfg,
+                                                                    cache_dir=cache)
             rec.put(label, {"hessians_s": hessians_s, "transform_s": transform_s,
                             "total_s": hessians_s + transform_s, "kept_fraction": report["kept_fraction"],
                             "damping_fallbacks": len(report["damping_fallbacks"])})
             if label == "first":
                 rec.put("cache_bytes", sum(p.stat().st_size for p in Path(cache).glob("*.safetensors")))
-            del hessians, result
+            del result
     return rec.data
 
 

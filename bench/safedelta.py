@@ -108,20 +108,24 @@ def calibration(tokenizer, n: int, max_len: int, batch_size: int):
     return [list(map(int, e["input_ids"])) for e in examples], batches
 
 
+def timed_request(cfg, aligned, finetuned, batches, sd_cfg: SafeDeltaConfig, cache_dir=None):
+    """One Safe Delta request on our Llama: (hessians_s, transform_s, params, report), each stage waited for."""
+    t = time.perf_counter()
+    hessians = collect_llama_hessians(cfg, aligned, batches, cache_dir=cache_dir)
+    jax.block_until_ready(hessians.arrays)
+    hessians_s = time.perf_counter() - t
+    t = time.perf_counter()
+    result, report = safe_delta(aligned, finetuned, hessians, sd_cfg, kernels=KERNELS)
+    result = jax.block_until_ready(result)
+    return hessians_s, time.perf_counter() - t, result, report
+
+
 def bench_safetrade(cfg, aligned, finetuned, batches, s: float, repeats: int):
     sd_cfg = SafeDeltaConfig(s=s)
     runs, result, report = [], None, None
     for r in range(max(1, repeats)):
-        t = time.perf_counter()
-        hessians = collect_llama_hessians(cfg, aligned, batches, cache_dir=None)
-        jax.block_until_ready(hessians.arrays)
-        hessians_s = time.perf_counter() - t
-        t = time.perf_counter()
-        result, report = safe_delta(aligned, finetuned, hessians, sd_cfg, kernels=KERNELS)
-        result = jax.block_until_ready(result)
-        transform_s = time.perf_counter() - t
+        hessians_s, transform_s, result, report = timed_request(cfg, aligned, finetuned, batches, sd_cfg)
         runs.append({"hessians": hessians_s, "transform": transform_s, "total": hessians_s + transform_s})
-        del hessians
         print(f"[safetrade] run {r + 1}{' (with compile)' if r == 0 else ''}: hessians {hessians_s:.2f}s, "
               f"transform {transform_s:.2f}s", file=sys.stderr, flush=True)
     timings = {stage: {"first": runs[0][stage],
