@@ -265,10 +265,10 @@ def cmd_train_job(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from safetrade import config
-    from safetrade.evaluate import suite
+    from safetrade.evaluate import report, suite
 
     if args.compare:
-        print(suite.compare(args.compare, plot=args.plot))
+        print(report.compare(args.compare, plot=args.plot))
         if args.plot:
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
@@ -278,7 +278,7 @@ def cmd_evaluate(args) -> int:
     out = args.out or Path("runs/eval") / f"{Path(eval_cfg.model).name or 'model'}.json"
     config.save(eval_cfg, out.with_suffix(".config.yaml"))
     record = suite.run_evaluation(eval_cfg, out=out)
-    print(suite.table([record], [Path(out).stem]))
+    print(report.table([record], [Path(out).stem]))
     for name, t in record["timing"].items():
         if "prompts_per_second" in t:
             print(f"throughput {name}: {t['prompts_per_second']:.2f} prompts/s, "

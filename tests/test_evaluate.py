@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from safetrade.errors import EvaluationError
-from safetrade.evaluate import judges, suite, utility
+from safetrade.evaluate import judges, report, suite, utility
 from safetrade.evaluate.judges import FunctionJudge, KeywordJudge, RefusalClassifierJudge, Verdict, run_judge
 
 
@@ -189,7 +189,7 @@ def test_evaluation_is_reproducible_and_reports_everything(small_model, tmp_path
     assert np.isfinite(m["loss/capability"]) and m["judge_check"]["keyword"]["accuracy"] >= 0.9
     assert a["model"]["fingerprint"] == suite.params_fingerprint(params)
     assert len(a["samples"]["harmful:advbench"]) == 6
-    text = suite.compare([tmp_path / "a.json", tmp_path / "b.json"], plot=tmp_path / "cmp.png")
+    text = report.compare([tmp_path / "a.json", tmp_path / "b.json"], plot=tmp_path / "cmp.png")
     assert "asr/advbench" in text and (tmp_path / "cmp.png").stat().st_size > 1000
 
 
@@ -211,4 +211,4 @@ def test_compare_names_a_file_that_is_not_an_evaluation(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
     with pytest.raises(EvaluationError, match="x.json"):
-        suite.compare([bad])
+        report.compare([bad])
