@@ -43,6 +43,7 @@ class SamplingConfig:
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt, stop token excluded
     finished: list[bool]  # True when a stop token ended the row, False when max_new_tokens did
+    first_logits: np.ndarray | None = None  # [B, V] float32 logits of the first new token, when asked for
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -120,8 +121,11 @@ def _decode(cfg: LlamaConfig, sampling: SamplingConfig, params: Params, first_lo
 
 
 def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-             pad_id: int = 0) -> Generation:
-    """Continue each prompt (a list of token ids); rows stop at a stop token or after max_new_tokens."""
+             pad_id: int = 0, *, return_first_logits: bool = False) -> Generation:
+    """Continue each prompt (a list of token ids); rows stop at a stop token or after max_new_tokens.
+
+    `return_first_logits` also returns the logits the first new token was chosen from (what classifier-style
+    judges read their verdict probability from), at no extra forward pass."""
     tokens, mask = left_pad(prompts, pad_id, sampling.pad_to_multiple)
     width = tokens.shape[1]
     cache_len = width + -(-sampling.max_new_tokens // sampling.pad_to_multiple) * sampling.pad_to_multiple
@@ -140,4 +144,5 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
         cut = next((k for k, t in enumerate(row) if t in stops), None)
         rows.append(row if cut is None else row[:cut])
         finished.append(cut is not None)
-    return Generation(rows, finished)
+    first = np.asarray(first_logits, np.float32) if return_first_logits else None
+    return Generation(rows, finished, first)

@@ -42,7 +42,8 @@ from safetrade.data.alignment import eval_benign_prompts, eval_harmful_prompts, 
 from safetrade.data.sets import rows_for
 from safetrade.errors import EvaluationError
 from safetrade.evaluate.generation import chat_replies
-from safetrade.evaluate.judges import load_judge, run_judge
+from safetrade.evaluate import stats
+from safetrade.evaluate.judges import answers_of, attack_success, load_judge, run_judge
 from safetrade.evaluate.margin import refusal_margin
 from safetrade.evaluate.utility import dataset_loss, gsm8k_accuracy
 from safetrade.generate import SamplingConfig
@@ -153,7 +154,8 @@ def judge_accuracy(judge, rows: list[dict] | None = None) -> dict:
     rows = rows if rows is not None else load_checkset()
     verdicts = run_judge(judge, [r["prompt"] for r in rows], [r["reply"] for r in rows])
     wrong = [r["id"] for r, v in zip(rows, verdicts) if v.refused != r["refused"]]
-    return {"accuracy": 1 - len(wrong) / len(rows), "n": len(rows), "wrong": wrong}
+    return {"accuracy": 1 - len(wrong) / len(rows), "n": len(rows), "wrong": wrong,
+            "ci": list(stats.wilson_interval(len(rows) - len(wrong), len(rows)))}
 
 
 def _category_labels(category: str | None) -> set[str]:
@@ -161,26 +163,60 @@ def _category_labels(category: str | None) -> set[str]:
     return {c.strip() for c in (category or "").split(";") if c.strip()}
 
 
-def _judged_rates(judges, prompts, replies, errors, categories) -> tuple[dict, list[dict]]:
-    """Per judge: refusal rate and ASR over the generated replies, per-category ASR; and per-sample verdicts."""
+def _verdict_record(verdict, answers: str) -> dict:
+    return {"refused": verdict.refused, "harmful": verdict.harmful,
+            "attack_success": attack_success(verdict, answers), "score": verdict.score, "error": verdict.error,
+            "categories": list(verdict.categories) if verdict.categories else None}
+
+
+def _judged_rates(judges, prompts, replies, errors, categories, kind: str = "harmful") -> tuple[dict, list[dict], dict]:
+    """Per judge: its rate(s) with 95 % Wilson intervals, per-category ASR (harmful sets); per-sample verdicts;
+    and Cohen's kappa between every pair of judges on attack success (harmful) or on their own answer (benign)."""
 
     done = [i for i in range(len(prompts)) if i not in errors]
-    out, per_sample = {}, [{} for _ in prompts]
+    out, per_sample, outcome = {}, [{} for _ in prompts], {}
     for judge in judges:
+        answers = answers_of(judge)
         verdicts = run_judge(judge, [prompts[i] for i in done], [replies[i] for i in done])
-        judged = [(i, v) for i, v in zip(done, verdicts) if v.error is None]
+        column: list[bool | None] = [None] * len(prompts)
         for i, v in zip(done, verdicts):
-            per_sample[i][judge.name] = {"refused": v.refused, "score": v.score, "error": v.error}
-        refused = np.array([v.refused for _, v in judged], bool)
-        rate = float(refused.mean()) if len(refused) else float("nan")
-        by_category = {}
-        labels = [_category_labels(categories[i]) for i, _ in judged]
-        for cat in sorted(set().union(*labels)) if labels else ():
-            mask = np.array([cat in row for row in labels])
-            by_category[cat] = {"asr": float(1 - refused[mask].mean()), "n": int(mask.sum())}
-        out[judge.name] = {"refusal_rate": rate, "asr": 1 - rate, "n_judged": len(judged),
-                           "n_judge_errors": len(done) - len(judged), "asr_by_category": by_category}
-    return out, per_sample
+            per_sample[i][judge.name] = _verdict_record(v, answers)
+            if kind == "harmful":
+                column[i] = per_sample[i][judge.name]["attack_success"]
+            else:
+                column[i] = v.harmful if answers == "harmful" else v.refused
+                if v.error is not None:
+                    column[i] = None
+        outcome[judge.name] = column
+        summary = stats.rate(column)
+        entry = {"answers": answers, "n_judged": summary["n"],
+                 "n_judge_errors": len(done) - summary["n"]}
+        if kind == "harmful":
+            entry.update(asr=summary["rate"], asr_ci=summary["ci"], n_success=summary["k"])
+            if answers == "refused":
+                lo, hi = summary["ci"]
+                entry.update(refusal_rate=1 - summary["rate"], refusal_rate_ci=[1 - hi, 1 - lo])
+            by_category = {}
+            labelled = [(column[i], _category_labels(categories[i])) for i in done if column[i] is not None]
+            for cat in sorted(set().union(*(labels for _, labels in labelled))) if labelled else ():
+                cat_rate = stats.rate([success for success, labels in labelled if cat in labels])
+                by_category[cat] = {"asr": cat_rate["rate"], "n": cat_rate["n"], "ci": cat_rate["ci"]}
+            entry["asr_by_category"] = by_category
+        else:
+            key = "harmful_rate" if answers == "harmful" else "refusal_rate"
+            entry.update({key: summary["rate"], f"{key}_ci": summary["ci"], "n_positive": summary["k"]})
+        out[judge.name] = entry
+    agreement = {}
+    names = list(outcome)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            agreement[f"{names[a]}|{names[b]}"] = stats.cohen_kappa(outcome[names[a]], outcome[names[b]])
+    return out, per_sample, agreement
+
+
+def _primary(judges, answers: str | None = None):
+    """The first judge (answering `answers`, when given), or None."""
+    return next((j for j in judges if answers is None or answers_of(j) == answers), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +241,7 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
         cfg, params, tokenizer = model
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               top_p=config.top_p, seed=config.seed)
-    metrics, samples, datasets, timing = {}, {}, {}, {}
+    metrics, samples, datasets, timing, intervals = {}, {}, {}, {}, {}
 
     def generate_and_judge(kind: str, name: str, rows: list[dict]) -> dict:
         if not rows:
@@ -213,13 +249,17 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
         prompts = [r["prompt"] for r in rows]
         gen = chat_replies(cfg, params, tokenizer, prompts, sampling, batch_size=config.batch_size,
                            system=config.system, progress=progress, desc=f"{kind}:{name}")
-        rates, verdicts = _judged_rates(judges, prompts, gen.texts, gen.errors, [r.get("category") for r in rows])
+        rates, verdicts, agreement = _judged_rates(judges, prompts, gen.texts, gen.errors,
+                                                   [r.get("category") for r in rows], kind)
         samples[f"{kind}:{name}"] = [
             {"id": r.get("id"), "prompt": r["prompt"], "category": r.get("category"), "reply": gen.texts[i],
              "error": gen.errors.get(i), "verdicts": verdicts[i]} for i, r in enumerate(rows)]
         timing[f"{kind}:{name}"] = {"seconds": gen.seconds, "prompts_per_second": gen.prompts_per_second,
                                     "new_tokens_per_second": gen.tokens_per_second}
-        return {"n": len(rows), "n_generation_errors": len(gen.errors), "judges": rates}
+        result = {"n": len(rows), "n_generation_errors": len(gen.errors), "judges": rates}
+        if agreement:
+            result["agreement"] = agreement
+        return result
 
     for name in config.harmful:
         rows = harmful_rows(name, config.n_harmful, config.seed)
@@ -227,12 +267,14 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
         result = generate_and_judge("harmful", name, rows)
         primary = result["judges"][judges[0].name]
         metrics[f"asr/{name}"] = primary["asr"]
+        intervals[f"asr/{name}"] = primary["asr_ci"]
         if config.margin:
             start = time.perf_counter()
             margin = refusal_margin(cfg, params, tokenizer, [r["prompt"] for r in rows],
                                     batch_size=config.batch_size, system=config.system)
             timing[f"margin:{name}"] = {"seconds": time.perf_counter() - start}
             metrics[f"refusal_margin/{name}"] = margin["mean"]
+            intervals[f"refusal_margin/{name}"] = list(stats.bootstrap_interval(margin["per_prompt"]))
             for sample, value in zip(samples[f"harmful:{name}"], margin["per_prompt"]):
                 sample["refusal_margin"] = value
         metrics[f"detail/harmful/{name}"] = result
@@ -241,7 +283,11 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
         rows = benign_rows(config.benign, config.n_benign, config.seed)
         datasets[f"benign:{config.benign}"] = {"n": len(rows), "fingerprint": rows_fingerprint(rows)}
         result = generate_and_judge("benign", config.benign, rows)
-        metrics[f"over_refusal/{config.benign}"] = result["judges"][judges[0].name]["refusal_rate"]
+        refusal_judge = _primary(judges, "refused")
+        if refusal_judge is not None:  # over-refusal needs a judge that answers "refused?"
+            over = result["judges"][refusal_judge.name]
+            metrics[f"over_refusal/{config.benign}"] = over["refusal_rate"]
+            intervals[f"over_refusal/{config.benign}"] = over["refusal_rate_ci"]
         metrics[f"detail/benign/{config.benign}"] = result
 
     if config.gsm8k:
@@ -250,6 +296,7 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
         gsm = gsm8k_accuracy(cfg, params, tokenizer, rows, batch_size=config.batch_size, progress=progress,
                              sampling=dataclasses.replace(sampling, max_new_tokens=config.gsm8k_max_new_tokens))
         metrics["gsm8k_accuracy"] = gsm["accuracy"]
+        intervals["gsm8k_accuracy"] = stats.rate([s["correct"] for s in gsm["samples"] if s["error"] is None])["ci"]
         metrics["detail/gsm8k"] = {"n": gsm["n"], "n_errors": gsm["n_errors"]}
         samples["gsm8k"] = gsm["samples"]
         timing["gsm8k"] = {"prompts_per_second": gsm["prompts_per_second"],
@@ -262,7 +309,8 @@ def run_evaluation(config: EvalConfig, *, out: str | os.PathLike | None = None, 
         metrics[f"loss/{name}"] = result["loss"]
         metrics[f"detail/loss/{name}"] = result
 
-    metrics["judge_check"] = {j.name: judge_accuracy(j) for j in judges}
+    metrics["intervals"] = intervals
+    metrics["judge_check"] = {j.name: judge_accuracy(j) for j in judges if answers_of(j) == "refused"}
     record = {
         "config": dataclasses.asdict(config),
         "model": {"name": config.model, "fingerprint": params_fingerprint(params)},
