@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON to write (default: runs/eval/<model name>.json); the resolved config goes beside it")
     ev.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
                     help="print these evaluation JSONs side by side (no model is run)")
-    ev.add_argument("--plot", type=Path, default=None, help="with --compare: write a PNG bar chart here")
+    ev.add_argument("--plot", type=Path, default=None,
+                    help="with --compare: write a PNG bar chart (95%% error bars) here")
+    ev.add_argument("--reference", default=None, metavar="LABEL|PATH",
+                    help="with --compare: the record the others are tested against (paired tests on the same "
+                         "prompts); a file stem or one of the compared paths (default: the first)")
+    ev.add_argument("--markdown", action="store_true", help="with --compare: print the table as markdown")
     ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     sd = sub.add_parser(
@@ -268,7 +273,7 @@ def cmd_evaluate(args) -> int:
     from safetrade.evaluate import report, suite
 
     if args.compare:
-        print(report.compare(args.compare, plot=args.plot))
+        print(report.compare(args.compare, plot=args.plot, reference=args.reference, markdown=args.markdown))
         if args.plot:
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
