@@ -395,6 +395,10 @@ def _agreement(record: dict, sample_set: str) -> dict[str, dict]:
     return out
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def _agreement_lines(records: list[dict], labels: list[str]) -> list[str]:
     lines = []
     for record, label in zip(records, labels):
@@ -403,11 +407,10 @@ def _agreement_lines(records: list[dict], labels: list[str]) -> list[str]:
                 continue
             sample_set = "harmful:" + key.split("/", 2)[2]
             for pair, k in _agreement(record, sample_set).items():
-                kappa = k.get("kappa")
-                text = ("kappa undefined (both judges gave one answer to every reply)"
-                        if kappa is None or (isinstance(kappa, float) and math.isnan(kappa)) else f"kappa = {kappa:.2f}")
-                raw = k.get("raw_agreement")
-                raw_text = f", raw agreement {100 * raw:.1f}%" if isinstance(raw, (int, float)) and math.isfinite(raw) else ""
+                kappa, raw = k.get("kappa"), k.get("raw_agreement")
+                text = (f"kappa = {kappa:.2f}" if _finite(kappa)
+                        else "kappa undefined (both judges gave one answer to every reply)")
+                raw_text = f", raw agreement {100 * raw:.1f}%" if _finite(raw) else ""
                 lines.append(f"{label} {sample_set} {pair}: {text}{raw_text}, n = {k.get('n')}")
     return lines
 
