@@ -277,6 +277,8 @@ def cmd_evaluate(args) -> int:
         if args.plot:
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
+    # `judge=` reads as well as the field's own name, `judges=`
+    args.overrides = [f"judges={o[len('judge='):]}" if o.startswith("judge=") else o for o in args.overrides]
     eval_cfg = _resolved_config(suite.EvalConfig, args)
     if eval_cfg is None:
         return 0
