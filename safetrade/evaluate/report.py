@@ -109,13 +109,13 @@ def _sample_outcomes(record: dict, row: _Row) -> dict | None:
     samples = (record.get("samples") or {}).get(row.sample_set)
     if not samples:
         return None
-    judge = _row_judge(record, row) if row.question not in ("correct", "refusal_margin") else None
-    if row.question not in ("correct", "refusal_margin"):
-        if judge is None or judge not in _judges(record, row.sample_set):
-            return None
-        answers = _answers(_judges(record, row.sample_set)[judge])
+    if row.question in ("correct", "refusal_margin"):
+        judge, answers = None, "refused"  # no judge involved
     else:
-        answers = "refused"
+        judge, judges = _row_judge(record, row), _judges(record, row.sample_set)
+        if judge not in judges:
+            return None
+        answers = _answers(judges[judge])
     return {"judge": judge, "ids": [s.get("id") for s in samples],
             "values": [_outcome(s, row, judge, answers) for s in samples]}
 
