@@ -158,8 +158,10 @@ def _template_fields(template: str, source: str) -> tuple[str, str]:
     """Which placeholders the template uses: {prompt}/{reply}, {forbidden_prompt}/{response} or two %s."""
     try:
         names = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
-    except ValueError:  # a lone brace: not a str.format template
-        names = None
+    except ValueError as e:  # a lone brace: a %-style template, or a broken one
+        if "%s" in template:
+            return _PERCENT
+        raise EvaluationError(f"rubric template {source}: {e}; write a literal brace as {{{{ or }}}}") from e
     if names:
         for fields in _KNOWN_FIELDS:
             if set(fields) <= names:
