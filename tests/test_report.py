@@ -181,6 +181,23 @@ def test_judge_agreement_is_printed(pair):
     assert "ref harmful:x keyword|guard: kappa = 0.25, raw agreement 50.0%, n = 29" in report.table([record])
 
 
+def test_old_records_get_agreement_on_benign_refusals_and_stored_check_intervals_win():
+    record = json.loads((RESULTS / "evaluation" / "base_smollm2.json").read_text())
+    text = report.table([record], ["base"])
+    # benign set, keyword vs classifier on refusal: counted here from the samples, kappa by the closed form
+    pairs = [(s["verdicts"]["keyword"]["refused"], s["verdicts"]["classifier"]["refused"])
+             for s in record["samples"]["benign:heldout"]]
+    n, both = len(pairs), sum(a and b for a, b in pairs)
+    k_a, k_b = sum(a for a, _ in pairs), sum(b for _, b in pairs)
+    observed = (both + sum(not a and not b for a, b in pairs)) / n
+    expected = (k_a * k_b + (n - k_a) * (n - k_b)) / n**2
+    kappa = (observed - expected) / (1 - expected)
+    assert f"base benign:heldout keyword|classifier: kappa = {kappa:.2f}, raw agreement {100 * observed:.1f}%" in text
+    assert "base harmful:advbench keyword|classifier: kappa = " in text
+    record["metrics"]["judge_check"]["keyword"]["ci"] = [0.5, 0.75]
+    assert line_of(report.table([record]), "judge_check/keyword").endswith("95.0% [50.0, 75.0]")
+
+
 def test_the_compare_plot_has_error_bars_on_every_rate_and_margin(pair, tmp_path):
     png = tmp_path / "plots" / "cmp.png"
     report.compare(list(pair), plot=png)

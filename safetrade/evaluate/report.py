@@ -134,7 +134,10 @@ def _interval(record: dict, row: _Row, value) -> tuple[float, float] | None:
     if value is None or row.kind == "plain" or (isinstance(value, float) and math.isnan(value)):
         return None
     if row.kind == "check":  # accuracy on the check set: k of n labelled replies
-        n = int(record["metrics"]["judge_check"][row.judge].get("n", 0))
+        entry = record["metrics"]["judge_check"][row.judge]
+        if entry.get("ci") is not None:
+            return (float(entry["ci"][0]), float(entry["ci"][1]))
+        n = int(entry.get("n", 0))
         return stats.wilson_interval(round(value * n), n, CONFIDENCE) if n else None
     stored = (record["metrics"].get("intervals") or {}).get(row.metric) if row.metric else None
     if stored is None and row.judge is not None:
@@ -337,7 +340,8 @@ def _grid(records: list[dict], labels: list[str], reference: int | None) -> dict
     footer += _judge_legend(records)
     agreement = _agreement_lines(records, labels)
     if agreement:
-        footer.append("judge agreement on attack success (Cohen's kappa):")
+        footer.append("judge agreement (Cohen's kappa; harmful sets: on attack success, benign sets: on each "
+                      "judge's own answer):")
         footer += ["  " + line for line in agreement]
     return {"header": ["metric", *labels], "body": body, "footer": footer, "plot": plot}
 
@@ -380,18 +384,24 @@ def _judge_legend(records: list[dict]) -> list[str]:
 
 
 def _agreement(record: dict, sample_set: str) -> dict[str, dict]:
-    """Stored agreement, else Cohen's kappa on attack success from the samples, for every pair of judges."""
+    """Stored agreement, else Cohen's kappa from the samples for every pair of judges: on attack success (harmful
+    sets), on each judge's own answer, refused or harmful (benign sets), as suite.run_evaluation computes it."""
     detail = _detail(record, sample_set)
     if detail.get("agreement"):
         return detail["agreement"]
-    names = list(_judges(record, sample_set))
-    out = {}
+    judges = _judges(record, sample_set)
+
+    def outcomes(name):
+        question = "attack_success" if sample_set.startswith("harmful:") else _answers(judges[name])
+        found = _sample_outcomes(record, _Row("", "rate", None, sample_set, name, question))
+        return None if found is None else found["values"]
+
+    names, out = list(judges), {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            va = _sample_outcomes(record, _Row("", "rate", None, sample_set, a, "attack_success"))
-            vb = _sample_outcomes(record, _Row("", "rate", None, sample_set, b, "attack_success"))
+            va, vb = outcomes(a), outcomes(b)
             if va is not None and vb is not None:
-                out[f"{a}|{b}"] = stats.cohen_kappa(va["values"], vb["values"])
+                out[f"{a}|{b}"] = stats.cohen_kappa(va, vb)
     return out
 
 
@@ -403,9 +413,9 @@ def _agreement_lines(records: list[dict], labels: list[str]) -> list[str]:
     lines = []
     for record, label in zip(records, labels):
         for key in record["metrics"]:
-            if not key.startswith("detail/harmful/"):
+            if not key.startswith(("detail/harmful/", "detail/benign/")):
                 continue
-            sample_set = "harmful:" + key.split("/", 2)[2]
+            sample_set = ":".join(key.split("/", 2)[1:])
             for pair, k in _agreement(record, sample_set).items():
                 kappa, raw = k.get("kappa"), k.get("raw_agreement")
                 text = (f"kappa = {kappa:.2f}" if _finite(kappa)
