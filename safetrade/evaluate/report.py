@@ -431,21 +431,24 @@ def table(records: list[dict], labels: list[str] | None = None, reference: int |
     `reference` (an index or a label) adds paired tests of every other record against that one.
     """
     labels = labels or [r["model"]["name"] for r in records]
-    grid = _grid(records, labels, _resolve_reference(reference, labels))
-    columns = [grid["header"], *([label, *cells] for label, cells in grid["body"])]
-    widths = [max(len(line[c]) for line in columns) + 2 for c in range(len(grid["header"]))]
-    lines = []
-    for line in columns:
-        lines.append(line[0].ljust(widths[0]) + "".join(cell.rjust(w) for cell, w in zip(line[1:], widths[1:])))
-    return "\n".join(lines + [""] + grid["footer"])
+    return _text(_grid(records, labels, _resolve_reference(reference, labels)))
 
 
 def markdown_table(records: list[dict], labels: list[str] | None = None, reference: int | str | None = 0) -> str:
     """The same table as GitHub markdown (for README / results READMEs), footer lines as a list below it."""
     labels = labels or [r["model"]["name"] for r in records]
-    ref = _resolve_reference(reference, labels) if len(records) > 1 else None
-    grid = _grid(records, labels, ref)
+    return _markdown(_grid(records, labels, _resolve_reference(reference, labels) if len(records) > 1 else None))
 
+
+def _text(grid: dict) -> str:
+    columns = [grid["header"], *([label, *cells] for label, cells in grid["body"])]
+    widths = [max(len(line[c]) for line in columns) + 2 for c in range(len(grid["header"]))]
+    lines = [line[0].ljust(widths[0]) + "".join(cell.rjust(w) for cell, w in zip(line[1:], widths[1:]))
+             for line in columns]
+    return "\n".join(lines + [""] + grid["footer"])
+
+
+def _markdown(grid: dict) -> str:
     def esc(cell: str) -> str:
         return cell.replace("|", "\\|")
 
@@ -483,11 +486,10 @@ def compare(paths: list[str | os.PathLike], plot: str | os.PathLike | None = Non
     default the first record); with `plot`, a PNG bar chart with 95 % error bars; `markdown` for a README."""
     records, labels = load_records(paths)
     ref = _resolve_reference(0 if reference is None else reference, labels, list(paths)) if len(records) > 1 else None
-    text = markdown_table(records, labels, ref) if markdown else table(records, labels, ref)
+    grid = _grid(records, labels, ref)
     if plot is not None:
-        grid = _grid(records, labels, ref)
         _bar_chart(grid["plot"], labels, ref, Path(plot))
-    return text
+    return _markdown(grid) if markdown else _text(grid)
 
 
 def _bar_chart(plot: dict[str, list[dict]], labels: list[str], reference: int | None, path: Path) -> None:
