@@ -8,6 +8,13 @@ loads), on the same CPU, one after the other in this run. safetrade's time inclu
 judge and is reported twice: the first run (jit compilation included) and a second run (compiled). torch is
 measured as a one-prompt-at-a-time loop (how the papers' evaluation scripts run) and as left-padded batches.
 Ratios are prompts/s over prompts/s. Goal: >= 2x the torch loop.
+
+    python bench/evaluate.py --judge llama_guard --n 500 [--judge-batch-size 16]
+
+`--judge` adds a guard judge (`llama_guard` or `harmbench`, safetrade/evaluate/guards.py) run on the model's own
+weights and tokenizer (same model size: the verdict words are looked up in its tokenizer, so the verdicts are
+meaningless but the work is the real one): its seconds to judge the --n generated replies against the seconds to
+generate them, both compiled (second runs), in the same process. Goal: judging costs no more than generating.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-python", default=None, help="python of the torch venv; omit to skip torch")
     ap.add_argument("--torch-modes", default="loop,batched")
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--judge", default=None, choices=("llama_guard", "harmbench"),
+                    help="also time a guard judge of the same model on the generated replies")
+    ap.add_argument("--judge-batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
     from safetrade.data import load_dataset, take
@@ -70,6 +80,24 @@ def main(argv=None) -> int:
         print(f"[safetrade] {label}: {seconds:.1f}s, {len(prompts) / seconds:.2f} prompts/s, ASR {asr:.0%}",
               file=sys.stderr, flush=True)
 
+    judge_runs = []
+    if args.judge:
+        from safetrade.evaluate.guards import HarmBenchJudge, LlamaGuardJudge
+
+        model = (cfg, params, tok)
+        guard = (LlamaGuardJudge(model, variant="8b", batch_size=args.judge_batch_size) if args.judge == "llama_guard"
+                 else HarmBenchJudge(model, batch_size=args.judge_batch_size))
+        lengths = [len(guard.prompt_ids(p, r)) for p, r in zip(prompts, out.texts)]
+        for label in ("first (with compile)", "second (compiled)"):
+            start = time.perf_counter()
+            verdicts = guard.judge(prompts, out.texts)
+            seconds = time.perf_counter() - start
+            judge_runs.append({"run": label, "seconds": seconds, "replies_per_s": len(prompts) / seconds,
+                               "judge_errors": sum(v.error is not None for v in verdicts),
+                               "mean_prompt_tokens": sum(lengths) / len(lengths)})
+            print(f"[judge {args.judge}] {label}: {seconds:.1f}s, {len(prompts) / seconds:.2f} replies/s",
+                  file=sys.stderr, flush=True)
+
     torch_res = None
     if args.torch_python:
         with tempfile.TemporaryDirectory(prefix="safetrade-bench-eval-") as tmp:
@@ -86,6 +114,12 @@ def main(argv=None) -> int:
     print(f"{'side':34s} {'seconds':>9s} {'prompts/s':>10s} {'new tok':>8s}")
     for r in runs:
         print(f"{'safetrade ' + r['run']:34s} {r['seconds']:9.1f} {r['prompts_per_s']:10.2f} {r['new_tokens']:8d}")
+    for r in judge_runs:
+        print(f"{'judge ' + args.judge + ' ' + r['run']:34s} {r['seconds']:9.1f} {r['replies_per_s']:10.2f} "
+              f"{'':8s} (judge prompts: {r['mean_prompt_tokens']:.0f} tokens on average)")
+    if judge_runs:
+        cost = judge_runs[1]["seconds"] / runs[1]["seconds"]
+        print(f"judge / generation seconds (compiled): {cost:.2f}; goal <= 1: {'met' if cost <= 1 else 'NOT met'}")
     ratios = {}
     if torch_res and torch_res.get("ok"):
         for mode, r in torch_res["results"].items():
@@ -99,7 +133,8 @@ def main(argv=None) -> int:
     elif torch_res:
         print(f"torch: {torch_res.get('error')}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": date, "cpu": cpu_model(), "safetrade": runs, "torch": torch_res,
+        Path(args.json).write_text(json.dumps({"date": date, "cpu": cpu_model(), "safetrade": runs, "judge": judge_runs,
+                                               "torch": torch_res,
                                                "ratios": ratios, "args": vars(args)}, indent=1))
     return 0
 

@@ -86,6 +86,23 @@ def _prefill(cfg: LlamaConfig, params: Params, tokens, mask, cache_len: int):
     return logits[:, -1], cache, kv_valid
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _prefill_after_prefix(cfg: LlamaConfig, params: Params, prefix, tokens, mask, cache_len: int):
+    """Prefill a prefix shared by every row once (batch 1), copy its keys/values to the batch, then prefill each
+    row's own left-padded tokens after it. The padding sits between the prefix and the row's tokens, where
+    kv_valid masks it and positions skip it, so each row sees exactly prefix + its tokens."""
+    b, width = tokens.shape
+    p = prefix.shape[0]
+    shared = KVCache.zeros(cfg, 1, cache_len)
+    shared_valid = jnp.zeros((1, cache_len), bool).at[:, :p].set(True)
+    _, shared = llama.forward_with_cache(cfg, params, prefix[None], jnp.arange(p)[None], shared_valid, shared, 0)
+    cache = KVCache(*(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in (shared.k, shared.v)))
+    kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(True).at[:, p:p + width].set(mask.astype(bool))
+    positions = p + llama.positions_from_mask(mask)
+    logits, cache = llama.forward_with_cache(cfg, params, tokens, positions, kv_valid, cache, p)
+    return logits[:, -1], cache, kv_valid
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
 def _decode(cfg: LlamaConfig, sampling: SamplingConfig, params: Params, first_logits, cache: KVCache, kv_valid,
             prompt_lengths, prompt_width):
@@ -121,21 +138,27 @@ def _decode(cfg: LlamaConfig, sampling: SamplingConfig, params: Params, first_lo
 
 
 def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-             pad_id: int = 0, *, return_first_logits: bool = False) -> Generation:
+             pad_id: int = 0, *, return_first_logits: bool = False, prefix: Sequence[int] = ()) -> Generation:
     """Continue each prompt (a list of token ids); rows stop at a stop token or after max_new_tokens.
 
-    `return_first_logits` also returns the logits the first new token was chosen from (what classifier-style
-    judges read their verdict probability from), at no extra forward pass."""
+    `prefix`: token ids that come before every prompt (a judge's fixed instructions, a few-shot block). It is
+    prefilled once for the whole batch instead of once per row; the result equals generating from
+    prefix + prompt. `return_first_logits` also returns the logits the first new token was chosen from (what
+    classifier-style judges read their verdict probability from), at no extra forward pass."""
     tokens, mask = left_pad(prompts, pad_id, sampling.pad_to_multiple)
-    width = tokens.shape[1]
+    width = len(prefix) + tokens.shape[1]
     cache_len = width + -(-sampling.max_new_tokens // sampling.pad_to_multiple) * sampling.pad_to_multiple
     if cache_len > cfg.max_position_embeddings:
         raise SafetradeError(
             f"prompt ({width} padded tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "
             f"context of {cfg.max_position_embeddings}"
         )
-    first_logits, cache, kv_valid = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), cache_len)
-    lengths = jnp.asarray(mask.sum(axis=1), jnp.int32)
+    if len(prefix):
+        first_logits, cache, kv_valid = _prefill_after_prefix(cfg, params, jnp.asarray(prefix, jnp.int32),
+                                                              jnp.asarray(tokens), jnp.asarray(mask), cache_len)
+    else:
+        first_logits, cache, kv_valid = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), cache_len)
+    lengths = jnp.asarray(len(prefix) + mask.sum(axis=1), jnp.int32)
     out, steps = _decode(cfg, sampling, params, first_logits, cache, kv_valid, lengths, width)
     out = np.asarray(out)[:, : int(steps)]
     stops = set(sampling.stop_token_ids)
@@ -146,3 +169,15 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
         finished.append(cut is not None)
     first = np.asarray(first_logits, np.float32) if return_first_logits else None
     return Generation(rows, finished, first)
+
+
+def shared_prefix(sequences: Sequence[Sequence[int]], multiple: int = 32, keep: int = 1) -> int:
+    """Length of the longest common prefix of `sequences`, rounded down to `multiple` (few compiled shapes),
+    leaving at least `keep` tokens of every sequence after it."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences) - keep
+    common = 0
+    while common < n and all(s[common] == first[common] for s in sequences):
+        common += 1
+    return common // multiple * multiple

@@ -103,3 +103,22 @@ def test_left_pad_and_bad_input(tiny):
         generate(cfg, params, [[1] * 100], SamplingConfig(max_new_tokens=64))
     with pytest.raises(SafetradeError, match="top_p"):
         SamplingConfig(top_p=0.0)
+
+
+def test_a_shared_prefix_prefilled_once_gives_the_same_generation(tiny):
+    """generate(prefix=P, prompts) == generate(P + prompt): tokens equal, first logits equal to fp32 rounding."""
+    from safetrade.generate import shared_prefix
+
+    cfg, params = tiny
+    rng = np.random.default_rng(0)
+    head = rng.integers(1, cfg.vocab_size, 37).tolist()
+    prompts = [head + rng.integers(1, cfg.vocab_size, n).tolist() for n in (3, 9, 1, 14)]
+    common = shared_prefix(prompts, multiple=8)
+    assert common == 32  # 37 shared tokens, rounded down to the multiple
+    sampling = SamplingConfig(max_new_tokens=6)
+    full = generate(cfg, params, prompts, sampling, return_first_logits=True)
+    split = generate(cfg, params, [p[common:] for p in prompts], sampling, return_first_logits=True,
+                     prefix=prompts[0][:common])
+    assert split.tokens == full.tokens
+    np.testing.assert_allclose(split.first_logits, full.first_logits, atol=2e-5)
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]], multiple=1) == 2  # one token always stays in the prompt
