@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VENV := .venv-torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-safedelta bench-sqsd bench-theory bench-aot bench-memory device-check clean
+.PHONY: setup demo test test-fast golden bench bench-train bench-eval bench-judge bench-safedelta bench-sqsd bench-theory bench-aot bench-memory device-check clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ bench-train: setup $(TORCH_VENV)/.installed
 
 bench-eval: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/evaluate.py --torch-python $(TORCH_VENV)/bin/python
+
+# A guard judge (Llama Guard prompt, the model's own weights) judging 500 replies vs generating them.
+bench-judge: setup
+	$(BIN)/python bench/evaluate.py --judge llama_guard --n 500
 
 bench-safedelta: setup $(TORCH_VENV)/.installed
 	$(BIN)/python bench/safedelta.py --torch-python $(TORCH_VENV)/bin/python
