@@ -242,8 +242,10 @@ def test_guard_specs_load_checkpoints_and_detect_the_variant(tokenizer, tmp_path
     assert isinstance(load_judge(f"harmbench:{plain}"), HarmBenchJudge)
     with pytest.raises(EvaluationError, match="give the checkpoint"):
         load_judge("llama_guard:")
-    with pytest.raises(EvaluationError, match="does not exist"):
+    with pytest.raises(EvaluationError, match="guard judge checkpoint no_such_dir: unknown model"):
         load_judge("harmbench:no_such_dir")
+    with pytest.raises(EvaluationError, match="model path does not exist"):
+        load_judge(f"llama_guard:{tmp_path}/missing")
 
 
 def test_bad_checkpoints_and_templates_are_clear_errors(tokenizer, tmp_path):

@@ -25,7 +25,6 @@ Llama-2 tokenizer gives its usual BOS.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -290,6 +289,4 @@ def guard_from_spec(spec: str) -> GuardJudge | None:
         return None
     if not path:
         raise EvaluationError(f"judge {spec!r}: give the checkpoint, e.g. {family}:/path/to/Llama-Guard-3-1B")
-    if not os.path.exists(path) and "/" not in path:
-        raise EvaluationError(f"judge {spec!r}: {path} does not exist")
-    return GUARD_SPECS[family](path)
+    return GUARD_SPECS[family](path)  # a directory, a GGUF file, or a hub id (hub.resolve_model)
