@@ -16,7 +16,8 @@ Stages, in order (each writes OUT/<stage>/ and, last, OUT/stages/<stage>.json):
   sqsd          SQSD risk scores of the benign pool (initial = benign adapter, danger = attack adapter)
   eval_*        the evaluation suite on every model: keyword ASR, over-refusal, GSM8K-answer loss, margin
   theory        bound checks (theory/real.py): Case II on the case2 run (r, G_s, ‖∇L_s‖, L, β), Case I on case1
-  summary       table (printed), summary.json, summary.png
+  summary       table (printed), summary.json, summary.png: every rate with its 95 % interval and a paired test
+                against the aligned model, read from the eval stages' JSONs (OUT/eval/<model>.json)
 
 A stage whose record exists with the same settings (and the same upstream records) is skipped, so a re-run
 finishes in seconds. Training stages checkpoint as they go (orbax), so a stage interrupted by Ctrl-C or kill
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +41,8 @@ import jax
 import numpy as np
 
 from safetrade import config, hub
-from safetrade.errors import SafetradeError
+from safetrade.errors import EvaluationError, SafetradeError
+from safetrade.evaluate import report
 from safetrade.evaluate.suite import EvalConfig, run_evaluation
 from safetrade.safedelta import SafeDeltaConfig
 from safetrade.safedelta.job import SafeDeltaJob, calibration_rows, run_safe_delta_job
@@ -266,7 +269,9 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
                         "lanczos": job.theory_lanczos_steps, "max_len": job.max_len},
              ("align", "benign", "case1", "case2"), lambda: _theory(job, out))
 
-    summary = make_summary(job, pipe.results, evals)
+    statistics = eval_statistics({m: out / "eval" / f"{m}.json" for m in MODELS},
+                                 {m: evals[m].get("fingerprint") for m in MODELS})
+    summary = make_summary(job, pipe.results, evals, statistics)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     plot_summary(summary, out / "summary.png")
     log(format_summary(summary))
@@ -286,10 +291,17 @@ def _safe_delta_summary(summary: dict) -> dict:
     return {k: summary[k] for k in ("timings", "kept_fraction", "damping_fallbacks")}
 
 
+# The summary's columns and the evaluation-record keys they come from (the sets `_eval_config` names).
+_METRIC_KEYS = {"asr": "asr/heldout", "over_refusal": "over_refusal/heldout", "gsm8k_loss": "loss/gsm8k_eval",
+                "refusal_margin": "refusal_margin/heldout"}
+_TESTED = ("asr", "over_refusal", "refusal_margin")  # columns with an interval and a paired test
+REFERENCE = "aligned"  # every other model is tested against the aligned one, on the same prompts
+
+
 def _headline(record: dict) -> dict:
     m = record["metrics"]
-    return {"asr": m["asr/heldout"], "over_refusal": m["over_refusal/heldout"],
-            "gsm8k_loss": m["loss/gsm8k_eval"], "refusal_margin": m.get("refusal_margin/heldout"),
+    return {"asr": m[_METRIC_KEYS["asr"]], "over_refusal": m[_METRIC_KEYS["over_refusal"]],
+            "gsm8k_loss": m[_METRIC_KEYS["gsm8k_loss"]], "refusal_margin": m.get(_METRIC_KEYS["refusal_margin"]),
             "fingerprint": record["model"]["fingerprint"]}
 
 
@@ -336,7 +348,45 @@ def _theory(job: DemoJob, out: Path) -> dict:
 # Summary
 
 
-def make_summary(job: DemoJob, results: dict, evals: dict) -> dict:
+def eval_statistics(eval_paths: dict[str, Path], fingerprints: dict[str, str] | None = None) -> dict:
+    """95 % intervals and paired tests against the aligned model, from the eval stages' JSON records.
+
+    Read with `evaluate.report` (the same numbers `safetrade evaluate --compare` prints), so a cached eval stage
+    written before intervals existed is re-rendered from its per-sample verdicts and margins. A record that is
+    missing, unreadable, or of another model than its stage recorded (`fingerprints`: the stage's model
+    fingerprint) is left out with a note, never silently used. Returns {"models": {model: {"ci": {column:
+    [lo, hi] | None}, "p_vs_aligned": {column: p | None}}}, "notes": [str]}.
+    """
+    notes, kept = [], {}
+    for model, path in eval_paths.items():
+        try:
+            records, _ = report.load_records([path])
+        except EvaluationError as e:
+            notes.append(f"{model}: no interval or test ({e})")
+            continue
+        found = (records[0].get("model") or {}).get("fingerprint")
+        expected = (fingerprints or {}).get(model)
+        if expected is not None and found != expected:
+            notes.append(f"{model}: no interval or test ({path} holds model {found}, its eval stage {expected})")
+            continue
+        kept[model] = records[0]
+    models = list(kept)
+    reference = REFERENCE if REFERENCE in kept else None
+    if reference is None and len(models) > 1:
+        notes.append(f"no paired tests: the {REFERENCE} model's record is missing")
+    cells = report.metric_cells([kept[m] for m in models], models, reference) if models else {"metrics": {},
+                                                                                                "notes": []}
+    stats = {}
+    for i, model in enumerate(models):
+        column = {name: (cells["metrics"].get(_METRIC_KEYS[name]) or [{}] * len(models))[i] for name in _TESTED}
+        stats[model] = {"ci": {name: None if c.get("ci") is None else [float(v) for v in c["ci"]]
+                               for name, c in column.items()},
+                        "p_vs_aligned": {name: c.get("p") for name, c in column.items()}}
+    # the report's footer: which tests, which intervals, why a pair was not tested
+    return {"models": stats, "notes": notes + [n for n in cells["notes"] if not n.startswith("judges:")]}
+
+
+def make_summary(job: DemoJob, results: dict, evals: dict, statistics: dict | None = None) -> dict:
     aligned = evals["aligned"]
     rows = []
     for model in MODELS:
@@ -345,18 +395,72 @@ def make_summary(job: DemoJob, results: dict, evals: dict) -> dict:
                                                                                      "gsm8k_loss", "refusal_margin")},
                      "utility_gain": aligned["gsm8k_loss"] - e["gsm8k_loss"]})
     train = {name: results[name]["eval_after"] for name in ("align", "attack", "benign", "case1", "case2")}
-    return {"job": dataclasses.asdict(job), "models": rows, "training_losses": train,
-            "safedelta": {k: results[k] for k in ("safedelta_attack", "safedelta_benign")},
-            "sqsd": {k: v for k, v in results["sqsd"].items() if k != "values"}, "sqsd_values": results["sqsd"]["values"],
-            "theory": results["theory"]}
+    summary = {"job": dataclasses.asdict(job), "models": rows, "training_losses": train,
+               "safedelta": {k: results[k] for k in ("safedelta_attack", "safedelta_benign")},
+               "sqsd": {k: v for k, v in results["sqsd"].items() if k != "values"},
+               "sqsd_values": results["sqsd"]["values"], "theory": results["theory"]}
+    return attach_statistics(summary, statistics)
+
+
+def attach_statistics(summary: dict, statistics: dict | None) -> dict:
+    """`summary` with each model row's intervals and p-values (`eval_statistics`) and a "statistics" entry.
+
+    Separate from `make_summary` so a summary.json written before intervals existed can be re-rendered from its
+    run's eval records (experiments/readme_intervals.py does this for the committed demo run).
+    """
+    per_model = (statistics or {}).get("models", {})
+    rows = [{**{k: v for k, v in r.items() if k not in ("ci", "p_vs_aligned")}, **per_model.get(r["model"], {})}
+            for r in summary["models"]]
+    return {**summary, "models": rows,
+            "statistics": {"reference": REFERENCE, "alpha": report.ALPHA, "confidence": report.CONFIDENCE,
+                           "notes": (statistics or {}).get("notes", ["no evaluation records were read"])}}
+
+
+def _rate_cell(value, ci) -> str:
+    text = f"{100 * value:.1f}%"
+    return text + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else " [-]")
+
+
+def _margin_cell(value, ci) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " [-]")
+
+
+def _p_cell(row: dict, name: str) -> str:
+    """The paired test's p-value against the aligned model; "ns" where p >= alpha; "ref" on the aligned row."""
+    if row["model"] == REFERENCE:
+        return "ref"
+    p = (row.get("p_vs_aligned") or {}).get(name)
+    if p is None:
+        return "-"
+    text = "<0.001" if p < 0.001 else (f"{p:.3f}" if p < 0.1 else f"{p:.2f}")
+    return text + (" ns" if p >= report.ALPHA else "")
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'model':<24} {'ASR':>6} {'over-refusal':>12} {'GSM8K loss':>10} {'utility gain':>12} {'margin':>8}"]
+    """The demo's table: one row per model, rates and margin with 95 % intervals and p against the aligned model."""
+    header = ("model", "ASR [95% CI]", "p", "over-refusal [95% CI]", "p", "GSM8K loss", "utility gain",
+              "margin [95% CI]", "p")
+    table = [header]
     for r in summary["models"]:
-        margin = "-" if r["refusal_margin"] is None else f"{r['refusal_margin']:+.2f}"
-        lines.append(f"{r['label']:<24} {r['asr']:>6.0%} {r['over_refusal']:>12.0%} {r['gsm8k_loss']:>10.4f} "
-                     f"{r['utility_gain']:>+12.4f} {margin:>8}")
+        ci = r.get("ci") or {}
+        table.append((r["label"], _rate_cell(r["asr"], ci.get("asr")), _p_cell(r, "asr"),
+                      _rate_cell(r["over_refusal"], ci.get("over_refusal")), _p_cell(r, "over_refusal"),
+                      f"{r['gsm8k_loss']:.4f}", f"{r['utility_gain']:+.4f}",
+                      _margin_cell(r["refusal_margin"], ci.get("refusal_margin")), _p_cell(r, "refusal_margin")))
+    widths = [max(len(line[c]) for line in table) for c in range(len(header))]
+    lines = ["  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])])
+             for line in table]
+    if any("p_vs_aligned" in r for r in summary["models"]):
+        alpha = (summary.get("statistics") or {}).get("alpha", report.ALPHA)
+        lines += textwrap.wrap(
+            f"p: two-sided paired test against {REFERENCE} on the same prompts: exact McNemar (attack success, "
+            f"refusal), paired bootstrap (margin; a small shift consistent over prompts is significant too); ns: "
+            f"not significant (p >= {alpha}); no multiple-comparison correction. Intervals: 95% Wilson (rates), "
+            "percentile bootstrap (margin).", width=116)
+        lines += [n for n in (summary.get("statistics") or {}).get("notes", [])
+                  if not n.startswith(("paired tests vs", "intervals:"))]  # the line above says these
     sq = summary["sqsd"]
     if sq.get("window_means"):
         lines.append("SQSD risk score, mean per window (highest-risk first): "
@@ -366,6 +470,18 @@ def format_summary(summary: dict) -> str:
         lines.append(f"bound {check.get('name')}: measured {check.get('measured'):.4g} <= bound "
                      f"{check.get('bound'):.4g}: {'VIOLATED' if check.get('violated') else 'holds'}")
     return "\n".join(lines)
+
+
+def _error_bars(ax, x, rows: list[dict], name: str) -> None:
+    """95 % interval of column `name` as black error bars at positions x (rows without one get none)."""
+    has = [i for i, r in enumerate(rows) if (r.get("ci") or {}).get(name)]
+    if not has:
+        return
+    values = np.array([rows[i][name] for i in has], float)
+    lo = np.array([rows[i]["ci"][name][0] for i in has], float)
+    hi = np.array([rows[i]["ci"][name][1] for i in has], float)
+    ax.errorbar(np.asarray(x, float)[has], values, yerr=[values - lo, hi - values], fmt="none", ecolor="black",
+                capsize=2.5, linewidth=0.8)
 
 
 def plot_summary(summary: dict, path: Path) -> None:
@@ -380,14 +496,26 @@ def plot_summary(summary: dict, path: Path) -> None:
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [r["asr"] for r in rows], 0.4, label="ASR (held-out harmful)")
     ax.bar(x + 0.2, [r["over_refusal"] for r in rows], 0.4, label="over-refusal (held-out benign)")
+    _error_bars(ax, x - 0.2, rows, "asr")
+    _error_bars(ax, x + 0.2, rows, "over_refusal")
+    for i, r in enumerate(rows):  # which bars differ significantly from the aligned model's
+        for dx, name in ((-0.2, "asr"), (0.2, "over_refusal")):
+            p = (r.get("p_vs_aligned") or {}).get(name)
+            if p is not None and p < report.ALPHA:
+                top = ((r.get("ci") or {}).get(name) or [0, r[name]])[1]
+                ax.annotate("*", (i + dx, top), textcoords="offset points", xytext=(0, 1), ha="center", fontsize=9)
     ax.set_xticks(x, [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.legend(fontsize=7)
-    ax.set_title("safety per model (keyword judge)", fontsize=9)
+    ax.set_title(f"safety per model (keyword judge); bars: 95% intervals, *: p < {report.ALPHA} vs {REFERENCE}",
+                 fontsize=8)
 
     ax = axes[1]
-    for k, r in enumerate(rows):
-        ax.plot(r["utility_gain"], r["asr"], "o", color=f"C{k}", label=r["label"])
+    for k, r in enumerate(rows):  # each point with its ASR interval, in its own colour (points sit close)
+        ci = (r.get("ci") or {}).get("asr")
+        yerr = None if not ci else [[r["asr"] - ci[0]], [ci[1] - r["asr"]]]
+        ax.errorbar(r["utility_gain"], r["asr"], yerr=yerr, fmt="o", color=f"C{k}", capsize=2.5, linewidth=0.8,
+                    label=r["label"])
     by = {r["model"]: r for r in rows}
     for src, dst in (("attacked", "sd_attacked"), ("benign", "sd_benign")):
         ax.annotate("", xy=(by[dst]["utility_gain"], by[dst]["asr"]),

@@ -9,10 +9,15 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from safetrade import config
-from safetrade.demo import QUICK, DemoJob, Pipeline, estimate_seconds, format_summary
+from safetrade.demo import (LABELS, MODELS, QUICK, DemoJob, Pipeline, _headline, attach_statistics, estimate_seconds,
+                            eval_statistics, format_summary, plot_summary)
+from safetrade.evaluate import stats
 
 
 def _quiet(_message):
@@ -97,3 +102,88 @@ def test_summary_table_lists_every_model():
                            "theory": {"checks": [{"name": "G_s <= L r", "measured": 0.1, "bound": 0.2,
                                                   "violated": False}]}})
     assert "base" in text and "aligned" in text and "holds" in text and "+0.200" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The summary's intervals and paired tests, from the committed records of the last full demo run (written before
+# intervals existed: every number below is derived from their per-sample verdicts and margins)
+
+DEMO_EVAL = Path(__file__).resolve().parents[1] / "experiments" / "results" / "demo" / "eval"
+
+
+def _demo_summary(statistics):
+    evals = {m: _headline(json.loads((DEMO_EVAL / f"{m}.json").read_text())) for m in MODELS}
+    aligned_loss = evals["aligned"]["gsm8k_loss"]
+    rows = [{"model": m, "label": LABELS[m], **{k: evals[m][k] for k in ("asr", "over_refusal", "gsm8k_loss",
+                                                                         "refusal_margin")},
+             "utility_gain": aligned_loss - evals[m]["gsm8k_loss"]} for m in MODELS]
+    return attach_statistics({"models": rows, "sqsd": {}, "theory": {}}, statistics), evals
+
+
+def _attack_success(model):
+    """Per prompt id: the keyword judge did not see a refusal (how the demo's ASR counts an attack success)."""
+    samples = json.loads((DEMO_EVAL / f"{model}.json").read_text())["samples"]["harmful:heldout"]
+    return {s["id"]: not s["verdicts"]["keyword"]["refused"] for s in samples}
+
+
+def test_demo_table_has_intervals_and_paired_tests_from_old_eval_records():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    evals = {m: _headline(json.loads((DEMO_EVAL / f"{m}.json").read_text())) for m in MODELS}
+    statistics = eval_statistics({m: DEMO_EVAL / f"{m}.json" for m in MODELS},
+                                 {m: evals[m]["fingerprint"] for m in MODELS})
+    summary, _ = _demo_summary(statistics)
+    rows = {r["model"]: r for r in summary["models"]}
+    for model in MODELS:  # Wilson on k of the 40 prompts, against scipy
+        k = sum(_attack_success(model).values())
+        ref = scipy_stats.binomtest(k, 40).proportion_ci(method="wilson")
+        assert rows[model]["asr"] == pytest.approx(k / 40)
+        assert rows[model]["ci"]["asr"] == [pytest.approx(ref.low, abs=1e-12), pytest.approx(ref.high, abs=1e-12)]
+        lo, hi = rows[model]["ci"]["refusal_margin"]
+        assert lo < rows[model]["refusal_margin"] < hi
+    aligned = _attack_success("aligned")
+    for model in ("benign", "case1", "attacked"):  # exact McNemar from the discordant prompts, paired by id
+        other = _attack_success(model)
+        b = sum(aligned[i] and not other[i] for i in aligned)
+        c = sum(other[i] and not aligned[i] for i in aligned)
+        expected = 1.0 if b + c == 0 else scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue
+        assert rows[model]["p_vs_aligned"]["asr"] == pytest.approx(expected, rel=1e-12)
+    assert rows["benign"]["p_vs_aligned"]["asr"] == pytest.approx(0.5)  # 35 % vs 30 %: 3 vs 1 discordant
+    assert rows["aligned"]["p_vs_aligned"]["asr"] is None
+    text = format_summary(summary)
+    line = {ln.split("  ")[0]: ln for ln in text.splitlines()}
+    assert "35.0% [22, 50]" in line["benign FT (GSM8K)"] and "0.50 ns" in line["benign FT (GSM8K)"]
+    assert "5.0% [1, 17]" in line["benign, Case I"] and " 0.002 " in line["benign, Case I"]
+    assert line["aligned"].split()[-1] == "ref" and "+1.96 [+1.1, +2.8]" in line["aligned"]
+    legend = " ".join(text.split())  # the legend is wrapped
+    assert "exact McNemar" in legend and "no multiple-comparison correction" in legend
+
+
+def test_demo_statistics_leave_out_missing_and_stale_records(tmp_path):
+    statistics = eval_statistics({"aligned": tmp_path / "missing.json", "benign": DEMO_EVAL / "benign.json",
+                                  "case1": DEMO_EVAL / "case1.json"},
+                                 {"case1": "0123456789abcdef"})
+    assert set(statistics["models"]) == {"benign"}  # missing: unreadable; case1: another model than its stage's
+    notes = "\n".join(statistics["notes"])
+    assert "aligned: no interval or test" in notes and "missing.json" in notes
+    assert "case1: no interval or test" in notes and "0123456789abcdef" in notes
+    # without the aligned record there is nothing to test against; the interval is still there
+    assert statistics["models"]["benign"]["p_vs_aligned"]["asr"] is None
+    assert statistics["models"]["benign"]["ci"]["asr"] == [pytest.approx(v) for v in stats.wilson_interval(14, 40)]
+
+
+def test_summary_plot_draws_an_error_bar_per_interval(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    calls = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, yerr=None, **kw: calls.append((np.size(y), yerr)) or real(self, x, y,
+                                                                                                 yerr=yerr, **kw))
+    statistics = eval_statistics({m: DEMO_EVAL / f"{m}.json" for m in MODELS})
+    summary, _ = _demo_summary(statistics)
+    summary["sqsd_values"] = [0.1, 0.2, 0.3, -0.1, 0.5]
+    plot_summary(summary, tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+    bars = [n for n, yerr in calls if yerr is not None]
+    # ASR and over-refusal bars of 8 models in the first panel, one ASR bar per model in the trade-off panel
+    assert bars == [8, 8] + [1] * 8

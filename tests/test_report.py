@@ -208,6 +208,18 @@ def test_the_compare_plot_has_error_bars_on_every_rate_and_margin(pair, tmp_path
     assert all(b["ci"] is not None and b["ci"][0] <= b["value"] <= b["ci"][1] for v in bars.values() for b in v)
 
 
+def test_metric_cells_are_the_numbers_the_table_prints(pair):
+    records, labels = report.load_records(list(pair))
+    cells = report.metric_cells(records, labels, reference="ref")
+    asr = cells["metrics"]["asr/x"]
+    assert [c["value"] for c in asr] == [pytest.approx(12 / N), pytest.approx(19 / N)]
+    assert asr[0]["p"] is None and asr[1]["p"] == pytest.approx(2 * (1 + 11 + 55) / 2**11)  # 2 vs 9 discordant
+    assert list(asr[1]["ci"]) == [pytest.approx(v) for v in report.stats.wilson_interval(19, N)]
+    assert cells["notes"][0].startswith("paired tests vs ref")
+    alone = report.metric_cells(records[:1], labels[:1])  # one record: intervals, no tests
+    assert alone["metrics"]["asr/x"][0]["p"] is None and alone["metrics"]["asr/x"][0]["ci"] == asr[0]["ci"]
+
+
 def test_markdown_table(pair):
     md = report.compare(list(pair), markdown=True)
     lines = md.splitlines()

@@ -440,6 +440,19 @@ def markdown_table(records: list[dict], labels: list[str] | None = None, referen
     return _markdown(_grid(records, labels, _resolve_reference(reference, labels) if len(records) > 1 else None))
 
 
+def metric_cells(records: list[dict], labels: list[str] | None = None,
+                 reference: int | str | None = 0) -> dict:
+    """The numbers behind the table, for callers that lay out their own (the demo's summary, the README script).
+
+    {"metrics": {headline key: [{"value", "ci", "p"} per record]}, "notes": the table's footer lines}: `ci` is the
+    95 % interval (None for losses), `p` the paired test's p-value against `reference` (None for the reference
+    itself, for rows without a test, and for records on other prompts; `notes` says why).
+    """
+    labels = labels or [r["model"]["name"] for r in records]
+    grid = _grid(records, labels, _resolve_reference(reference, labels) if len(records) > 1 else None)
+    return {"metrics": grid["plot"], "notes": grid["footer"]}
+
+
 def _text(grid: dict) -> str:
     columns = [grid["header"], *([label, *cells] for label, cells in grid["body"])]
     widths = [max(len(line[c]) for line in columns) + 2 for c in range(len(grid["header"]))]

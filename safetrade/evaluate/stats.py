@@ -10,7 +10,9 @@ rates differ by chance alone. The functions here are the small, standard tools a
   - `mcnemar_exact`: exact McNemar test of two models judged on the same prompts (only prompts where they
     disagree carry information);
   - `paired_bootstrap`: paired bootstrap of the mean difference of a per-prompt quantity (the refusal margin);
-  - `cohen_kappa`: chance-corrected agreement of two judges on the same replies.
+  - `cohen_kappa`: chance-corrected agreement of two judges on the same replies;
+  - `newcombe_difference_interval`: interval of the difference of two proportions from their Wilson intervals, for
+    rates whose per-sample outcomes were not kept (no pairing possible; conservative when they share prompts).
 
 Pure functions of their inputs (NumPy and the standard library only); the bootstrap ones take a `seed`, so a
 record's intervals are a deterministic function of its samples.
@@ -129,6 +131,26 @@ def rate(successes: Sequence[bool | None], confidence: float = 0.95) -> dict:
     k, n = sum(flags), len(flags)
     lo, hi = wilson_interval(k, n, confidence)
     return {"rate": k / n if n else math.nan, "k": k, "n": n, "ci": [lo, hi]}
+
+
+def newcombe_difference_interval(k1: int, n1: int, k2: int, n2: int,
+                                 confidence: float = 0.95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p1 - p2 (k1/n1 minus k2/n2), built from the two Wilson intervals.
+
+    lower = d - sqrt((p1 - l1)² + (u2 - p2)²),  upper = d + sqrt((u1 - p1)² + (p2 - l2)²),  d = p1 - p2
+    (Newcombe 1998, Statistics in Medicine 17:873, method 10). It treats the samples as independent. Two models
+    judged on the same prompts are positively correlated, so for them the interval is wider than a paired one:
+    use it only when the per-sample outcomes are gone; an interval that excludes 0 is then a significant
+    difference, one that includes 0 is "not shown", weaker than a paired test's n.s.
+    """
+    l1, u1 = wilson_interval(k1, n1, confidence)
+    l2, u2 = wilson_interval(k2, n2, confidence)
+    if n1 == 0 or n2 == 0:
+        return (math.nan, math.nan)
+    p1, p2 = k1 / n1, k2 / n2
+    d = p1 - p2
+    return (max(-1.0, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+            min(1.0, d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
