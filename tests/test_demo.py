@@ -147,7 +147,7 @@ def test_demo_table_has_intervals_and_paired_tests_from_old_eval_records():
         c = sum(other[i] and not aligned[i] for i in aligned)
         expected = 1.0 if b + c == 0 else scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue
         assert rows[model]["p_vs_aligned"]["asr"] == pytest.approx(expected, rel=1e-12)
-    assert rows["benign"]["p_vs_aligned"]["asr"] == pytest.approx(0.5)  # 35 % vs 30 %: 3 vs 1 discordant
+    assert rows["benign"]["p_vs_aligned"]["asr"] == pytest.approx(0.5)  # 35 % vs 30 %: 2 vs 0 discordant
     assert rows["aligned"]["p_vs_aligned"]["asr"] is None
     text = format_summary(summary)
     line = {ln.split("  ")[0]: ln for ln in text.splitlines()}
