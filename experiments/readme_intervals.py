@@ -147,10 +147,11 @@ def evaluation_study():
 
 
 def alignment_study():
-    base, v3 = _load("alignment/base.json")["results"][0], _load("alignment/align_v3.json")["results"][0]
     kept = "20 of 100 per-sample outputs kept"
     rates = {}
-    for name, r, file in (("base", base, "alignment/base.json"), ("align v3", v3, "alignment/align_v3.json")):
+    for name, file in (("base", "alignment/base.json"), ("align v1", "alignment/align_v1.json"),
+                       ("align v2", "alignment/align_v2.json"), ("align v3", "alignment/align_v3.json")):
+        r = _load(file)["results"][0]
         rates[name, "refused"] = from_rate(f"harmful refused, {name}", r["harmful_refusal_rate"], r["n_harmful"],
                                            f"{file}: harmful_refusal_rate")
         rates[name, "answered"] = from_rate(f"benign answered, {name}", r["benign_answer_rate"], r["n_benign"],
@@ -158,6 +159,8 @@ def alignment_study():
     comparisons = [compare("harmful refused: align v3 vs base", rates["base", "refused"], rates["align v3", "refused"],
                            kept),
                    compare("benign answered: align v3 vs base", rates["base", "answered"],
+                           rates["align v3", "answered"], kept),
+                   compare("benign answered: align v3 vs align v2", rates["align v2", "answered"],
                            rates["align v3", "answered"], kept)]
     return "alignment (100 held-out harmful + 100 benign prompts)", list(rates.values()), comparisons
 
@@ -181,8 +184,20 @@ def strategies_study():
                    compare("harmful refused: Case I vs Case II", refused["Case II r = 1"], refused["Case I λ = 1"],
                            kept),
                    compare("benign answered: Case I vs aligned", answered["aligned"], answered["Case I λ = 1"], kept)]
-    return ("strategies (harmful fine-tuning, 100 held-out harmful + 100 benign prompts)",
-            [*refused.values(), *answered.values()], comparisons)
+    # the earlier short run (align v2, 12 steps, 40 + 40 prompts)
+    short = {r["label"]: r for r in _load("strategies/short_run_v2/result.json")["results"]}
+    short_rates = []
+    for key, name in names.items():
+        for column, what in (("harmful_refusal_rate", "harmful refused"), ("benign_answer_rate", "benign answered")):
+            short_rates.append(from_rate(f"short run: {what}, {name}", short[key][column],
+                                         short[key]["n_harmful" if column.startswith("harmful") else "n_benign"],
+                                         f"strategies/short_run_v2/result.json: results[{key}].{column}"))
+    by = {r.label: r for r in short_rates}
+    comparisons += [compare(f"short run: harmful refused: {name} vs sft", by["short run: harmful refused, sft"],
+                            by[f"short run: harmful refused, {name}"], kept.replace("100", "40"))
+                    for name in ("Case I λ = 1", "Case II r = 1")]
+    return ("strategies (harmful fine-tuning, 100 held-out harmful + 100 benign prompts; short run: 40 + 40)",
+            [*refused.values(), *answered.values(), *short_rates], comparisons)
 
 
 def safedelta_study():
