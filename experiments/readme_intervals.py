@@ -249,6 +249,9 @@ def sqsd_study():
                              f"{src}: methods.{method}.windows[{i}].asr") for i, w in enumerate(entry["windows"])]
             rates += win
             comparisons.append(compare(f"ASR: {setting}, {method} S1 vs S5", win[4], win[0]))
+            if method == "sqsd":  # the README's point that S4, not S1, is SQSD's highest-ASR window
+                comparisons += [compare(f"ASR: {setting}, sqsd S4 vs S5", win[4], win[3]),
+                                compare(f"ASR: {setting}, sqsd S4 vs S1", win[0], win[3])]
         if res.get("filtering"):
             f = res["filtering"]
             top = from_rate(f"ASR, {setting}, pool minus top-{f['k']} SQSD", f["minus_top_sqsd"]["asr"], n,
