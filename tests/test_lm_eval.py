@@ -205,6 +205,18 @@ def test_loglikelihood_batched_equals_one_request_at_a_time(lm, tiny):
     assert len(shared) == 1 and len({split(tiny.tok, c, x)[1][-1] for c, x in pairs[:3]}) == 3
 
 
+def test_is_greedy_is_true_exactly_for_the_argmax_continuation(lm, tiny):
+    context = tiny.tok.encode("Question: is this safe?\nAnswer:")
+    greedy = reference_greedy(tiny, context, 4)
+    assert len(greedy) == 4
+    other = next(t for t in range(4, 200) if t not in greedy)
+    token_requests = [greedy, [other, *greedy[1:]], [*greedy[:2], other, greedy[3]], [*greedy[:3], other]]
+    got = lm._loglikelihood_tokens([(None, context, cont) for cont in token_requests], disable_tqdm=True)
+    assert [g for _, g in got] == [True, False, False, False]
+    for cont, (logprob, _) in zip(token_requests, got):
+        assert logprob == pytest.approx(reference_score(tiny, context, cont)[0], abs=ATOL)
+
+
 def test_context_split_moves_trailing_spaces(lm, tiny):
     context, continuation = lm._encode_pair("Answer: ", "maybe")
     assert context == tiny.tok.encode("Answer:")

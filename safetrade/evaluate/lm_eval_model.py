@@ -8,7 +8,7 @@ context / continuation split) on safetrade's own Llama:
 
 - `loglikelihood`: requests become token rows `(context + continuation)[-(max_length + 1):]`, sorted longest
   first, right-padded to a bucket length (safetrade.data.batching) in batches of `batch_size`, one jitted forward
-  per batch; the log-probabilities are the training loss code's (train.losses.nll_from_logits). Requests whose
+  per batch, the output layer applied only where a continuation token is scored. Requests whose
   context + continuation minus the last token are identical (the choices " A" / " B" / " C" / " D" of a
   multiple-choice question) share one row: the last token is read from that row's full distribution, so an
   MMLU question costs one row, not four. Returns (sum of log-probs, every continuation token is the argmax).
@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -48,7 +49,6 @@ from safetrade.data.batching import bucket_for, bucket_lengths, make_batch
 from safetrade.errors import EvaluationError
 from safetrade.generate import SamplingConfig, generate
 from safetrade.models import llama
-from safetrade.train.losses import nll_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,38 @@ class _Row:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_rows(cfg, params, batch, last_index):
-    """Per row: Σ log p over the continuation minus its last token [B], whether each of those was the argmax [B],
-    and log p(· | everything before the last continuation token) [B, V]."""
-    logits, _ = llama.forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
-    nll, weights = nll_from_logits(logits, batch)  # position t scores token t + 1
-    greedy = jnp.argmax(logits[:, :-1], axis=-1) == batch["input_ids"][:, 1:]
-    before_last = (weights > 0) & (jnp.arange(nll.shape[1])[None, :] != last_index[:, None])
-    prefix_logprob = jnp.where(before_last, -nll, 0.0).sum(-1)
+def _score_rows(cfg, params, batch, where, targets, n_cont):
+    """Score each row's continuation, whose token j sits in slot j of `targets` [B, C] and is predicted by the
+    logits at position `where` [B, C]; `n_cont` [B] real slots per row (0 for a padding row).
+
+    Returns, per row: Σ log p over the continuation minus its last token [B], whether each of those tokens was the
+    argmax [B], and log p(·) at the last continuation position [B, V] (one row serves every request that differs
+    only in that last token). The vocabulary projection runs on the C scored positions only, not on all T: an
+    MMLU context of 500 tokens scored for one answer letter would otherwise materialise B x 500 x V logits
+    (16.8 GB at B 16, T 2048 and Llama-3's 128256 tokens); XLA drops the unused full logits of `forward`.
+    """
+    _, hidden = llama.forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"],
+                              return_hidden=True)
+    scored = jnp.take_along_axis(hidden["final"], where[..., None], axis=1)  # [B, C, D]
+    logits = _vocabulary_logits(cfg, params, scored)  # [B, C, V]
+    # Reductions over V rather than a [B, C, V] log_softmax and argmax: on the CPU these passes cost more than the
+    # tiny model itself. A token is greedy when no other token has a larger logit (HFLM: argmax equality).
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    greedy = target_logit >= logits.max(axis=-1)
+    before_last = jnp.arange(targets.shape[1])[None, :] < (n_cont[:, None] - 1)
+    prefix_logprob = jnp.where(before_last, target_logit - logz, 0.0).sum(-1)
     prefix_greedy = jnp.all(jnp.where(before_last, greedy, True), axis=-1)
-    last_logits = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
-    return prefix_logprob, prefix_greedy, jax.nn.log_softmax(last_logits, axis=-1)
+    last = jnp.maximum(n_cont - 1, 0)[:, None]
+    last_logits = jnp.take_along_axis(logits, last[..., None], axis=1)[:, 0]  # [B, V]
+    return prefix_logprob, prefix_greedy, last_logits - jnp.take_along_axis(logz, last, axis=1)
+
+
+def _vocabulary_logits(cfg, params, hidden):
+    """The model's own output layer (tied embedding or lm_head, as Llama.__call__ applies it) on `hidden`."""
+    model = nnx.merge(llama.graphdef(cfg), params)
+    logits = model.embed.attend(hidden) if model.lm_head is None else model.lm_head(hidden)
+    return logits.astype(jnp.float32)
 
 
 @register_model("safetrade")
@@ -239,27 +260,36 @@ class SafetradeLM(TemplateLM):
         return results
 
     def _score(self, rows: list[_Row], n_requests: int, disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """Run `rows` longest first in fixed-shape batches; one (log-prob, is-greedy) per request."""
+        """Run `rows` in fixed-shape batches; one (log-prob, is-greedy) per request."""
         out: list[tuple[float, bool] | None] = [None] * n_requests
-        rows = sorted(rows, key=lambda r: -len(r.tokens))
         buckets = bucket_lengths(self.max_length + 1)
+        # Longest bucket first (an out-of-memory shows at once); inside a bucket, by continuation length: a batch is
+        # padded to its bucket anyway, and to its longest continuation on the output layer.
+        rows = sorted(rows, key=lambda r: (-bucket_for(len(r.tokens), buckets), -r.n_cont, -len(r.tokens)))
         pad = self.tokenizer.pad_token_id or 0
         bar = tqdm(total=n_requests, disable=disable_tqdm, desc="safetrade loglikelihood", unit="request")
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            length = bucket_for(len(chunk[0].tokens), buckets)
-            examples = [{"input_ids": np.asarray(r.tokens, np.int32),
-                         "loss_mask": np.r_[np.zeros(len(r.tokens) - r.n_cont), np.ones(r.n_cont)]} for r in chunk]
-            batch = make_batch(examples, length, self.batch_size, pad_id=pad)
-            last_index = np.zeros(self.batch_size, np.int32)
-            last_index[: len(chunk)] = [len(r.tokens) - 2 for r in chunk]  # the logits that predict the last token
-            prefix_lp, prefix_greedy, last_lp = (np.asarray(x) for x in
-                                                 _score_rows(self.cfg, self.params, batch, last_index))
+            length = bucket_for(max(len(r.tokens) for r in chunk), buckets)
+            slots = bucket_for(max(r.n_cont for r in chunk), bucket_lengths(length, min_len=1))
+            batch = make_batch([{"input_ids": np.asarray(r.tokens, np.int32), "loss_mask": np.ones(len(r.tokens))}
+                                for r in chunk], length, self.batch_size, pad_id=pad)
+            where = np.zeros((self.batch_size, slots), np.int32)
+            targets = np.zeros((self.batch_size, slots), np.int32)
+            n_cont = np.zeros(self.batch_size, np.int32)
+            for k, r in enumerate(chunk):
+                first = len(r.tokens) - r.n_cont  # index of the first continuation token
+                where[k, :r.n_cont] = np.arange(first - 1, len(r.tokens) - 1)  # logits at t predict token t + 1
+                targets[k, :r.n_cont] = r.tokens[first:]
+                n_cont[k] = r.n_cont
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            prefix_lp, prefix_greedy, last_lp = (
+                np.asarray(x) for x in _score_rows(self.cfg, self.params, inputs, where, targets, n_cont))
             for k, row in enumerate(chunk):
-                best = int(np.argmax(last_lp[k]))
+                best = last_lp[k].max()
                 for i, last_token in row.members:
                     out[i] = (float(prefix_lp[k]) + float(last_lp[k, last_token]),
-                              bool(prefix_greedy[k]) and best == last_token)
+                              bool(prefix_greedy[k]) and bool(last_lp[k, last_token] >= best))
                 bar.update(len(row.members))
         bar.close()
         return out  # type: ignore[return-value]

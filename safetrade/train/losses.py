@@ -17,12 +17,6 @@ from safetrade.models.llama import LlamaConfig, Params
 def token_nll(cfg: LlamaConfig, params: Params, batch) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood [B, T-1] of tokens 1..T-1, and their weights (loss_mask[:, 1:])."""
     logits, _ = llama.forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
-    return nll_from_logits(logits, batch)
-
-
-def nll_from_logits(logits: jax.Array, batch) -> tuple[jax.Array, jax.Array]:
-    """`token_nll` from logits [B, T, V] already computed, for callers that need the logits too (lm-eval's
-    is-greedy check)."""
     logits = logits[:, :-1]
     targets = batch["input_ids"][:, 1:]
     logz = jax.nn.logsumexp(logits, axis=-1)
