@@ -1,7 +1,7 @@
 """What differs between this CPU machine and an accelerator image (docs/accelerators.md).
 
 - The core path (model, train step, Safe Delta, SQSD, tradeoff, generation) imports and runs with `gguf`,
-  `datasets` and `rouge_score` absent, which the GPU image lacks, without importing transformers, tensorboardX or
+  `datasets`, `rouge_score` and `lm_eval` absent, which the GPU image lacks, without importing transformers, tensorboardX or
   matplotlib, and without a DeprecationWarning raised from safetrade's own code.
 - dtype="auto" resolves by the backend: bfloat16 compute on gpu/tpu, float32 on cpu; params float32 always.
 """
@@ -28,7 +28,7 @@ CORE_PATH_SCRIPT = textwrap.dedent("""
     import sys
     import warnings
 
-    for name in ("gguf", "datasets", "rouge_score"):
+    for name in ("gguf", "datasets", "rouge_score", "lm_eval"):
         sys.modules[name] = None  # `import name` now raises ImportError, as where the package is not installed
     warnings.simplefilter("always")
 
@@ -75,6 +75,8 @@ CORE_PATH_SCRIPT = textwrap.dedent("""
         assert len(out.tokens[0]) == 4
 
         # The jobs (which do import transformers, for the tokenizer) import without the absent packages too.
+        import safetrade.evaluate.guards
+        import safetrade.evaluate.report
         import safetrade.evaluate.suite
         import safetrade.safedelta.job
         import safetrade.sqsd.job
