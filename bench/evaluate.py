@@ -15,6 +15,8 @@ Ratios are prompts/s over prompts/s. Goal: >= 2x the torch loop.
 weights and tokenizer (same model size: the verdict words are looked up in its tokenizer, so the verdicts are
 meaningless but the work is the real one): its seconds to judge the --n generated replies against the seconds to
 generate them, both compiled (second runs), in the same process. Goal: judging costs no more than generating.
+The stand-in never ends its verdict, so its decoding is capped at --judge-new-tokens (default 6: a real Llama
+Guard stops after 2 tokens for "safe", 5 for "unsafe\nS1").
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--judge", default=None, choices=("llama_guard", "harmbench"),
                     help="also time a guard judge of the same model on the generated replies")
     ap.add_argument("--judge-batch-size", type=int, default=16)
+    ap.add_argument("--judge-new-tokens", type=int, default=6,
+                    help="a real guard stops after its verdict (Llama Guard: 'safe' + end of turn = 2 tokens, "
+                         "'unsafe\\nS1' + end of turn = 5); the stand-in model never does, so its decoding is "
+                         "capped at the length of a one-category verdict plus one")
     args = ap.parse_args(argv)
 
     from safetrade.data import load_dataset, take
@@ -85,8 +91,9 @@ def main(argv=None) -> int:
         from safetrade.evaluate.guards import HarmBenchJudge, LlamaGuardJudge
 
         model = (cfg, params, tok)
-        guard = (LlamaGuardJudge(model, variant="8b", batch_size=args.judge_batch_size) if args.judge == "llama_guard"
-                 else HarmBenchJudge(model, batch_size=args.judge_batch_size))
+        knobs = {"batch_size": args.judge_batch_size, "max_new_tokens": args.judge_new_tokens}
+        guard = (LlamaGuardJudge(model, variant="8b", **knobs) if args.judge == "llama_guard"
+                 else HarmBenchJudge(model, **{**knobs, "max_new_tokens": 1}))
         lengths = [len(guard.prompt_ids(p, r)) for p, r in zip(prompts, out.texts)]
         for label in ("first (with compile)", "second (compiled)"):
             start = time.perf_counter()

@@ -86,17 +86,27 @@ def _prefill(cfg: LlamaConfig, params: Params, tokens, mask, cache_len: int):
     return logits[:, -1], cache, kv_valid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill_after_prefix(cfg: LlamaConfig, params: Params, prefix, tokens, mask, cache_len: int):
-    """Prefill a prefix shared by every row once (batch 1), copy its keys/values to the batch, then prefill each
-    row's own left-padded tokens after it. The padding sits between the prefix and the row's tokens, where
-    kv_valid masks it and positions skip it, so each row sees exactly prefix + its tokens."""
-    b, width = tokens.shape
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prefix_cache(cfg: LlamaConfig, params: Params, prefix) -> KVCache:
+    """Keys and values [L, 1, P, Hkv, Dh] of a token prefix [P]: compute once, pass to every `generate` call that
+    continues the same prefix (`generate(prefix=..., prefix_kv=...)`)."""
     p = prefix.shape[0]
-    shared = KVCache.zeros(cfg, 1, cache_len)
-    shared_valid = jnp.zeros((1, cache_len), bool).at[:, :p].set(True)
-    _, shared = llama.forward_with_cache(cfg, params, prefix[None], jnp.arange(p)[None], shared_valid, shared, 0)
-    cache = KVCache(*(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in (shared.k, shared.v)))
+    cache = KVCache.zeros(cfg, 1, p)
+    _, cache = llama.forward_with_cache(cfg, params, prefix[None], jnp.arange(p)[None], jnp.ones((1, p), bool),
+                                        cache, 0)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _prefill_after_prefix(cfg: LlamaConfig, params: Params, shared: KVCache, tokens, mask, cache_len: int):
+    """Each row's own left-padded tokens after a prefix whose keys/values (`shared`, batch 1) are already known.
+    The padding sits between the prefix and the row's tokens, where kv_valid masks it and positions skip it, so
+    each row sees exactly prefix + its tokens."""
+    b, width = tokens.shape
+    p = shared.k.shape[2]
+    cache = KVCache.zeros(cfg, b, cache_len)
+    cache = KVCache(*(jax.lax.dynamic_update_slice(c, jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])).astype(c.dtype),
+                                                   (0, 0, 0, 0, 0)) for c, x in ((cache.k, shared.k), (cache.v, shared.v))))
     kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(True).at[:, p:p + width].set(mask.astype(bool))
     positions = p + llama.positions_from_mask(mask)
     logits, cache = llama.forward_with_cache(cfg, params, tokens, positions, kv_valid, cache, p)
@@ -138,12 +148,13 @@ def _decode(cfg: LlamaConfig, sampling: SamplingConfig, params: Params, first_lo
 
 
 def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-             pad_id: int = 0, *, return_first_logits: bool = False, prefix: Sequence[int] = ()) -> Generation:
+             pad_id: int = 0, *, return_first_logits: bool = False, prefix: Sequence[int] = (),
+             prefix_kv: KVCache | None = None) -> Generation:
     """Continue each prompt (a list of token ids); rows stop at a stop token or after max_new_tokens.
 
     `prefix`: token ids that come before every prompt (a judge's fixed instructions, a few-shot block). It is
     prefilled once for the whole batch instead of once per row; the result equals generating from
-    prefix + prompt. `return_first_logits` also returns the logits the first new token was chosen from (what
+    prefix + prompt; `prefix_kv` (from `prefix_cache`) saves recomputing it across calls. `return_first_logits` also returns the logits the first new token was chosen from (what
     classifier-style judges read their verdict probability from), at no extra forward pass."""
     tokens, mask = left_pad(prompts, pad_id, sampling.pad_to_multiple)
     width = len(prefix) + tokens.shape[1]
@@ -154,8 +165,12 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
             f"context of {cfg.max_position_embeddings}"
         )
     if len(prefix):
-        first_logits, cache, kv_valid = _prefill_after_prefix(cfg, params, jnp.asarray(prefix, jnp.int32),
-                                                              jnp.asarray(tokens), jnp.asarray(mask), cache_len)
+        if prefix_kv is None:
+            prefix_kv = prefix_cache(cfg, params, jnp.asarray(prefix, jnp.int32))
+        if prefix_kv.k.shape[2] != len(prefix):
+            raise SafetradeError(f"prefix_kv holds {prefix_kv.k.shape[2]} tokens, the prefix has {len(prefix)}")
+        first_logits, cache, kv_valid = _prefill_after_prefix(cfg, params, prefix_kv, jnp.asarray(tokens),
+                                                              jnp.asarray(mask), cache_len)
     else:
         first_logits, cache, kv_valid = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), cache_len)
     lengths = jnp.asarray(len(prefix) + mask.sum(axis=1), jnp.int32)

@@ -121,4 +121,11 @@ def test_a_shared_prefix_prefilled_once_gives_the_same_generation(tiny):
                      prefix=prompts[0][:common])
     assert split.tokens == full.tokens
     np.testing.assert_allclose(split.first_logits, full.first_logits, atol=2e-5)
+    from safetrade.generate import prefix_cache
+
+    kv = prefix_cache(cfg, params, np.asarray(prompts[0][:common], np.int32))
+    reused = generate(cfg, params, [p[common:] for p in prompts], sampling, return_first_logits=True,
+                      prefix=prompts[0][:common], prefix_kv=kv)
+    assert reused.tokens == full.tokens
+    np.testing.assert_array_equal(reused.first_logits, split.first_logits)
     assert shared_prefix([[1, 2, 3], [1, 2, 3]], multiple=1) == 2  # one token always stays in the prompt

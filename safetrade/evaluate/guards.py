@@ -4,7 +4,7 @@ Both are causal LMs fine-tuned to answer one question about a (prompt, reply) pa
 their first generated word. A `GuardJudge` renders each pair into the guard's published prompt format
 (`templates/`, provenance in `templates/README.md`), runs the prompts batched through `safetrade.generate` (left
 padding, one jitted prefill + decode per batch, on whatever device JAX uses; the instructions every prompt
-shares are prefilled once per batch, not once per row), and reads
+shares are prefilled once per call, not once per row), and reads
 
   - the score: P(positive word) / (P(positive) + P(negative)) from the logits of the verdict token
     (Llama Guard: "unsafe" vs "safe"; HarmBench: "yes" vs "no"; every single-token casing/spacing of the word
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from safetrade.errors import EvaluationError, SafetradeError
 from safetrade.evaluate.judges import Verdict
-from safetrade.generate import SamplingConfig, generate, shared_prefix
+from safetrade.generate import SamplingConfig, generate, prefix_cache, shared_prefix
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -158,14 +158,15 @@ class GuardJudge:
         todo = [i for i in np.argsort([len(x) for x in ids], kind="stable") if verdicts[i] is None]
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # The guard's instructions are the same for every pair: prefill them once per batch, not once per row.
+        # The guard's instructions are the same for every pair: prefill them once, not once per row.
         common = shared_prefix([ids[i] for i in todo], sampling.pad_to_multiple)
         prefix = ids[todo[0]][:common] if todo else []
+        prefix_kv = prefix_cache(self.cfg, self.params, np.asarray(prefix, np.int32)) if common else None
         bar = tqdm(total=len(todo), disable=not self.progress, desc=f"judge:{self.name}", unit="reply")
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             out = generate(self.cfg, self.params, [ids[i][common:] for i in chunk], sampling, pad_id=pad,
-                           return_first_logits=True, prefix=prefix)
+                           return_first_logits=True, prefix=prefix, prefix_kv=prefix_kv)
             scores = self.score(out.first_logits)
             for i, tokens, p in zip(chunk, out.tokens, scores):
                 harmful, categories, error = self.parse(self.tokenizer.decode(tokens, skip_special_tokens=True))
