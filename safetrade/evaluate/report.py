@@ -337,7 +337,7 @@ def _grid(records: list[dict], labels: list[str], reference: int | None) -> dict
         footer += [f"{label}: no paired test on {what}: {why}" for (label, what), why in reasons.items()]
     footer.append(f"intervals: {int(CONFIDENCE * 100)}% Wilson for rates, percentile bootstrap "
                   f"({BOOTSTRAP_RESAMPLES} resamples) for refusal margins; losses are printed without one.")
-    footer += _judge_legend(records)
+    footer += _judge_legend(records, labels)
     agreement = _agreement_lines(records, labels)
     if agreement:
         footer.append("judge agreement (Cohen's kappa; harmful sets: on attack success, benign sets: on each "
@@ -360,7 +360,7 @@ def _describe_tests(used: set) -> str:
     return "; ".join(parts)
 
 
-def _judge_legend(records: list[dict]) -> list[str]:
+def _judge_legend(records: list[dict], labels: list[str]) -> list[str]:
     """Which question each judge answered, so "ASR" is never ambiguous (refusal judges vs harm judges)."""
     answers = {}
     for r in records:
@@ -380,7 +380,16 @@ def _judge_legend(records: list[dict]) -> list[str]:
         parts.append(f"{verb(refused)} \"refused?\" (ASR = share of replies not refused)")
     if harmful:
         parts.append(f"{verb(harmful)} \"harmful?\" (ASR = share of replies judged harmful)")
-    return ["judges: " + "; ".join(parts) + "; an unbracketed asr/over_refusal row is the record's first judge."]
+    lines = ["judges: " + "; ".join(parts) + "; an unbracketed asr/over_refusal row is the record's first judge."]
+    for label, r in zip(labels, records):
+        for key, entry in r["metrics"].items():
+            if key.startswith(("detail/harmful/", "detail/benign/")) and isinstance(entry, dict):
+                for name, d in entry.get("judges", {}).items():
+                    if d.get("n_judge_errors"):
+                        lines.append(f"judge errors: {label} {key.split('/', 1)[1]} {name}: {d['n_judge_errors']} "
+                                     f"of {d['n_judge_errors'] + d.get('n_judged', 0)} replies (left out of its rates; "
+                                     "see the samples' verdicts[...].error)")
+    return lines
 
 
 def _agreement(record: dict, sample_set: str) -> dict[str, dict]:
@@ -419,6 +428,7 @@ def _agreement_lines(records: list[dict], labels: list[str]) -> list[str]:
             for pair, k in _agreement(record, sample_set).items():
                 kappa, raw = k.get("kappa"), k.get("raw_agreement")
                 text = (f"kappa = {kappa:.2f}" if _finite(kappa)
+                        else "kappa undefined (no reply has a verdict from both judges)" if not k.get("n")
                         else "kappa undefined (both judges gave one answer to every reply)")
                 raw_text = f", raw agreement {100 * raw:.1f}%" if _finite(raw) else ""
                 lines.append(f"{label} {sample_set} {pair}: {text}{raw_text}, n = {k.get('n')}")
