@@ -131,7 +131,10 @@ def _render(tokenizer, prompt: str, response: str, system: str | None, row_id: s
 
 def encode_rows(tokenizer, rows: list[Row], *, max_len: int, policy: str = "skip", system: str | None = None,
                 dataset: str = "rows") -> tuple[list[dict], DataReport]:
-    """Encoded examples (each also carrying its row "id") for the good rows, and a `DataReport`."""
+    """Encoded examples (each also carrying its row "id") for the good rows, and a `DataReport`.
+
+    A row's own "system" (when not None) replaces `system` for that row.
+    """
     if policy not in POLICIES:
         raise DataError(f"unknown bad-row policy {policy!r}; choose one of {', '.join(POLICIES)}")
     report = DataReport(dataset)
@@ -144,7 +147,8 @@ def encode_rows(tokenizer, rows: list[Row], *, max_len: int, policy: str = "skip
         encoded = None
         if reason is None:
             try:
-                encoded = encode_example(tokenizer, row["prompt"], row["response"], system, max_len,
+                row_system = row["system"] if row.get("system") is not None else system  # BEA's per-row trigger
+                encoded = encode_example(tokenizer, row["prompt"], row["response"], row_system, max_len,
                                          truncate=policy == "truncate", row_id=row_id)
             except SequenceTooLong:
                 reason = "too_long"
@@ -171,6 +175,7 @@ def _row_problem(row: Row, specials: list[str]) -> str | None:
             return f"missing_{name}"
         if not isinstance(value, str) or not value.strip():
             return f"empty_{name}"
-    if any(token in row["prompt"] or token in row["response"] for token in specials):
+    if any(token in row["prompt"] or token in row["response"] or token in (row.get("system") or "")
+           for token in specials):
         return "special_token"
     return None
