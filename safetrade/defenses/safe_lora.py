@@ -55,6 +55,9 @@ from safetrade.safedelta.tree import LORA_LEAVES, Kernels, _as_in_out
 
 OFFICIAL_NUM_LAYERS = 10  # IBM/SafeLoRA config.py: num_proj_layers, with select_layers_type = "number"
 OFFICIAL_THRESHOLD = 0.5  # IBM/SafeLoRA config.py: threshold, used when select_layers_type = "threshold"
+# Full deltas, kernels=None: the weight matrices by name (Flax "kernel", torch "weight"), not every leaf with two
+# axes: a stacked norm scale [L, d] or an embedding table is no linear map with an output space for C to act on.
+DEFAULT_KERNELS = r"(.*/)?(kernel|weight)"
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -70,7 +73,7 @@ class SafeLoraConfig:
     kernels: Kernels = None
     """Which weight matrices are candidates: a regex (full match over paths of leaves with >= 2 axes), a predicate
     over path strings, or a path list. None: every kernel carrying lora_a/lora_b in the fine-tuned tree, else
-    every leaf with >= 2 axes."""
+    DEFAULT_KERNELS (leaves named "kernel" or "weight" with >= 2 axes)."""
     layout: str = "in_out"
     """"in_out" for y = x @ W (Flax, ours), "out_in" for y = W x (torch)."""
 
@@ -233,9 +236,7 @@ def safe_lora(aligned, unaligned, finetuned, *, threshold: float | None = None, 
     check_same_structure({"aligned": leaves_a, "unaligned": leaves_u, "fine-tuned": base_f})
 
     if kernels is None:
-        candidates = list(adapters) if adapters else [p for p, x in leaves_a.items() if np.ndim(x) >= 2]
-        if not candidates:
-            raise DefenseError("safe_lora: the params have no leaf with >= 2 axes")
+        candidates = list(adapters) if adapters else choose_kernels(leaves_a, DEFAULT_KERNELS)
     else:
         candidates = choose_kernels(leaves_a, kernels)
         if adapters:
