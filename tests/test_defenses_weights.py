@@ -59,12 +59,14 @@ def test_projector_3x2_by_hand_and_not_idempotent():
     delta = np.array([[2, 0], [0, 0], [0, 1]], np.float32)
     projected_by_hand = np.array([[2, 0], [0, 0], [0, 0]], np.float32) / math.sqrt(2)
     aligned, unaligned = {"kernel": v + 1.0}, {"kernel": np.ones_like(v)}
-    params, report = safe_lora(aligned, unaligned, {"kernel": aligned["kernel"] + delta}, threshold=0.9, layout="out_in")
+    finetuned = {"kernel": aligned["kernel"] + delta}
+    params, report = safe_lora(aligned, unaligned, finetuned, threshold=0.9, layout="out_in")
     assert report["kernels"]["kernel"]["similarity"] == pytest.approx(2 / math.sqrt(5), rel=1e-6)
     np.testing.assert_allclose(params["kernel"] - aligned["kernel"], projected_by_hand, rtol=1e-6, atol=1e-7)
     # applying it again multiplies by C once more: C² ΔW = C ΔW / √2, not C ΔW (C is kept as the paper defines it)
     twice, _ = safe_lora(aligned, unaligned, params, threshold=2.0, layout="out_in")  # cos ≤ 1: every layer
-    np.testing.assert_allclose(twice["kernel"] - aligned["kernel"], projected_by_hand / math.sqrt(2), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(twice["kernel"] - aligned["kernel"], projected_by_hand / math.sqrt(2), rtol=1e-6,
+                               atol=1e-7)
 
 
 def test_rank_one_c_squared_is_norm_times_c():
@@ -121,7 +123,7 @@ def test_k_least_similar_across_stacked_and_plain_leaves():
                                                                  rel=1e-6)
     assert report["kernels"]["s/weight"]["projected"] == [False, True, False]
     assert report["kernels"]["p/weight"]["projected"] is True
-    np.testing.assert_array_equal(params["s/weight"][[0, 2]], finetuned["s/weight"][[0, 2]])  # untouched layers, bit for bit
+    np.testing.assert_array_equal(params["s/weight"][[0, 2]], finetuned["s/weight"][[0, 2]])  # untouched, exactly
     np.testing.assert_allclose(params["s/weight"][1], v + np.diag([1.0, 0.0]), atol=1e-7)  # ΔW ← C ΔW = diag(1, 0)
     np.testing.assert_allclose(params["p/weight"], v + np.diag([1.0, 0.0]), atol=1e-7)
     # the official default (nothing given): 10 layers, here all 4; threshold mode: s ≤ 0.5 → only 0.316 and 0.447
@@ -135,15 +137,16 @@ def test_stacked_leaf_is_layers_run_one_by_one():
     al = rng.standard_normal((4, 6, 3)).astype(np.float32)
     un, ft = al - rng.standard_normal(al.shape).astype(np.float32), al + rng.standard_normal(al.shape).astype(
         np.float32)
-    similarities = safe_lora({"kernel": al}, {"kernel": un}, {"kernel": ft}, threshold=-1.0)[1]["kernels"]["kernel"]["similarity"]
-    threshold = float(np.median(similarities))
+    similarities = safe_lora({"kernel": al}, {"kernel": un}, {"kernel": ft}, threshold=-1.0)[1]["kernels"]
+    threshold = float(np.median(similarities["kernel"]["similarity"]))
     stacked, report = safe_lora({"kernel": al}, {"kernel": un}, {"kernel": ft}, threshold=threshold)
     assert report["layers_projected"] == 2  # both branches exercised
     for layer in range(4):
-        one, one_report = safe_lora({"kernel": al[layer]}, {"kernel": un[layer]}, {"kernel": ft[layer]}, threshold=threshold)
+        one, one_report = safe_lora({"kernel": al[layer]}, {"kernel": un[layer]}, {"kernel": ft[layer]},
+                                    threshold=threshold)
         np.testing.assert_allclose(stacked["kernel"][layer], one["kernel"], rtol=1e-6, atol=1e-6)
-        assert report["kernels"]["kernel"]["similarity"][layer] == pytest.approx(one_report["kernels"]["kernel"]["similarity"],
-                                                                            rel=1e-6)
+        assert report["kernels"]["kernel"]["similarity"][layer] == pytest.approx(
+            one_report["kernels"]["kernel"]["similarity"], rel=1e-6)
 
 
 def _lora_case(layout="in_out"):

@@ -1,8 +1,8 @@
 """Resta (Bhardwaj, Anh, Poria, ACL 2024): restore safety after fine-tuning by adding back a safety vector,
 optionally after DARE (Yu et al., 2024: drop and rescale) on the fine-tuning delta.
 
-    params, report = resta(aligned, unaligned, finetuned, gamma=1.0)            # θ_ft + γ (θ_aligned − θ_unaligned)
-    params, report = resta(aligned, unaligned, finetuned, dare_p=0.5, seed=0)   # DARE on θ_ft − θ_aligned first
+    params, report = resta(aligned, unaligned, finetuned, gamma=1.0)           # θ_ft + γ (θ_al − θ_unal)
+    params, report = resta(aligned, unaligned, finetuned, dare_p=0.5, seed=0)  # DARE on θ_ft − θ_al first
 
 The rule, elementwise on every selected leaf:
 
@@ -82,7 +82,7 @@ def _resta_dare_leaf(w_a, w_u, w_f, gamma, p, key):
 
 def resta(aligned, unaligned, finetuned, *, gamma: float = 1.0, dare_p: float = 0.0, seed: int = 0,
           kernels: Kernels = None) -> tuple[Any, dict]:
-    """θ_ft + γ (θ_aligned − θ_unaligned) on the selected leaves, after DARE with drop rate `dare_p` on θ_ft − θ_aligned.
+    """θ_ft + γ (θ_aligned − θ_unaligned) on the selected leaves, after DARE (drop rate `dare_p`) on θ_ft − θ_aligned.
 
     Three pytrees of one structure (any nesting; an nnx.State too); returns (params with that structure and each
     leaf's dtype, a JSON-ready report: the knobs, the leaves edited and the kept fraction of DARE).
