@@ -333,3 +333,36 @@ def test_anchors_and_batches_follow_the_official_rules():
     assert [b for b, _, _ in calls] == ["a0", "a1", "u0", "u1", "a2", "a3", "u2", "u3"]
     with pytest.raises(DefenseError, match="user batches ran out at step 2"):
         lisa_train(None, 0, None, None, itertools.repeat("a"), iter([]), cfg, 4, jit_step=recording_step)
+
+
+def test_lisa_on_a_tiny_llama_with_lora_matches_a_hand_loop():
+    # ρ = 0 and K1 = K2 = 1 on LoRA adapters: Lisa must be alternating Adam on (alignment, user) batches.
+    from safetrade.models import llama, lora as lora_lib
+    from safetrade.defenses.lisa import llama_loss_fn
+    from safetrade.train.losses import lm_loss
+
+    base_cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+    params = llama.init(base_cfg, jax.random.key(0))
+    cfg, full = lora_lib.add_adapters(base_cfg, params, llama.LoraConfig(4, 8.0, ("q_proj", "v_proj")),
+                                      jax.random.key(1))
+    base, adapters = lora_lib.split(full)
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # lora_b starts at 0: move off it so both factors learn
+
+    def batch(seed):
+        ids = jax.random.randint(jax.random.key(seed), (2, 12), 0, 64)
+        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+
+    align, user = [batch(10 + i) for i in range(3)], [batch(20 + i) for i in range(3)]
+    tx = optax.adam(1e-2)
+    cfg_lisa = LisaConfig(rho=0.0, alignment_steps=1, finetune_steps=1, skip_user_batches_on_alignment=False)
+    result = lisa_train(llama_loss_fn(cfg, base), adapters, tx.init(adapters), tx, iter(align), iter(user),
+                        cfg_lisa, 6)
+    grad_fn = jax.jit(jax.grad(lambda a, b: lm_loss(cfg, lora_lib.combine(base, a), b)))
+    p, state = adapters, tx.init(adapters)
+    for b in (align[0], user[0], align[1], user[1], align[2], user[2]):
+        grads = grad_fn(p, b)
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), result.params, p)
+    assert all(np.isfinite(h["loss"]) for h in result.history)

@@ -41,6 +41,8 @@ import jax
 import optax
 
 from safetrade.defenses.common import DefenseError
+from safetrade.models import lora as lora_lib
+from safetrade.train.losses import lm_loss
 
 __all__ = [
     "ALIGNMENT",
@@ -50,6 +52,7 @@ __all__ = [
     "lisa_proximal",
     "lisa_schedule",
     "lisa_train",
+    "llama_loss_fn",
     "make_lisa_step",
     "proximal_active",
     "proximal_grad",
@@ -147,6 +150,17 @@ def make_lisa_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.GradientT
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step)
+
+
+def llama_loss_fn(cfg, base=None) -> Callable[[Any, Any], jax.Array]:
+    """loss_fn(trainable, batch) for `lisa_train` on safetrade's Llama: the token-mean response loss of a batch
+    {"input_ids", "attention_mask", "loss_mask"}; with `base` (LoRA: lora.split's frozen part) the trainable tree
+    is the adapters, and the proximal term then acts on the adapters only, as in the official LoRA code."""
+
+    def loss_fn(trainable, batch):
+        return lm_loss(cfg, lora_lib.combine(base, trainable) if base is not None else trainable, batch)
+
+    return loss_fn
 
 
 class LisaResult(NamedTuple):
