@@ -35,6 +35,8 @@ Our choices:
     We do not round. k larger than the number of layers projects them all.
   - a layer whose ΔW is exactly zero has similarity 1.0 (nothing to project); a layer with V = 0 (aligned equal
     to unaligned) is an error naming the kernel and layer, since C would be 0/0.
+  - in LoRA form the fine-tuned tree's kernels are taken to be the aligned ones (they are not read): ΔW is the
+    adapter product alone, and every leaf but the projected lora_b is returned unchanged.
   - all products in float32 at HIGHEST precision; kernels keep their dtype. The PEFT port's double projection in
     number mode (a known bug there) is not reproduced.
 """
