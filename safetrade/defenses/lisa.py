@@ -27,8 +27,8 @@ options with its values as defaults (neither is in the paper's algorithm):
 Steps are optimiser steps here (the official counts micro-batches; with gradient accumulation 1 they agree).
 
 In the paper D_a is the alignment data itself (BeaverTails safe pairs); safetrade's is the built "alignment" set
-(`alignment_set`, a `sets.rows_for` name). How to run it inside `safetrade finetune` (the hook the train loop needs)
-is in docs/defenses.md; `lisa_proximal` is the optax piece for that.
+(`alignment_set`, a `sets.rows_for` name). `lisa_proximal` is the optax piece a train step that forwards
+`anchor=` to its optimiser chain can use; docs/defenses.md says what the train loop would need besides.
 """
 
 from __future__ import annotations
