@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--markdown", action="store_true", help="with --compare: print the table as markdown")
     ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    de = sub.add_parser(
+        "defend", help="a post-hoc weight defense (Safe LoRA, Resta) on aligned / unaligned / fine-tuned checkpoints",
+        description="Safe LoRA (Hsu et al.) or Resta (Bhardwaj et al.) applied to a fine-tuned model, from its aligned "
+                    "parent and the unaligned model that was aligned; writes OUT_DIR/hf and OUT_DIR/report.json "
+                    "(docs/defenses.md). Settings are KEY=VALUE fields of safetrade.defenses.job.DefendJob "
+                    "(method=safe_lora|resta aligned=... unaligned=... finetuned=... out_dir=...) and the chosen "
+                    "method's knobs, as safe_lora.KEY / resta.KEY or bare: num_layers=10, threshold=0.5, "
+                    "gamma=1.0 dare_p=0.5 seed=0. `finetuned` may be a PEFT adapter dir trained on the aligned "
+                    "model (Safe LoRA then projects the adapters themselves).")
+    de.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="DefendJob fields and method knobs, e.g. method=resta gamma=0.5")
+    de.add_argument("--config", type=Path, default=None, help="YAML file of DefendJob fields")
+    de.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
     sd = sub.add_parser(
         "safedelta", help="Safe Delta: make a fine-tuned model safer from its aligned parent (HF dir + report)",
         description="Safety Hessians from the aligned model on calibration rows (cached by model + data "
@@ -311,6 +325,27 @@ def cmd_safedelta(args) -> int:
     return 0
 
 
+def cmd_defend(args) -> int:
+    from safetrade import config
+    from safetrade.defenses.job import DefendJob, nest_method_overrides, run_defend_job
+
+    args.overrides = nest_method_overrides(args.overrides)
+    job = _resolved_config(DefendJob, args)
+    if job is None:
+        return 0
+    config.save(job, Path(job.out_dir) / "config.yaml")
+    summary = run_defend_job(job)
+    report = summary["report"]
+    if job.method == "safe_lora":
+        print(f"safe_lora ({report['delta']} delta, {report['mode']} mode): projected {report['layers_projected']} "
+              f"of {report['layers_total']} layers")
+    else:
+        print(f"resta: gamma={report.get('gamma')} dare_p={report.get('dare_p')}")
+    print(json.dumps(summary["timings"], indent=2))
+    print(f"wrote {Path(job.out_dir) / 'hf'} and {Path(job.out_dir) / 'report.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_theory(args) -> int:
     from safetrade import config
     from theory.real import TheoryJob, run_theory_job
@@ -341,7 +376,7 @@ def cmd_sqsd(args) -> int:
     return 0
 
 
-COMMANDS = {"safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "theory": cmd_theory, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
+COMMANDS = {"defend": cmd_defend, "safedelta": cmd_safedelta, "sqsd": cmd_sqsd, "theory": cmd_theory, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "align": cmd_train_job,
             "finetune": cmd_train_job}
 
 
