@@ -53,7 +53,7 @@ import numpy as np
 
 from safetrade.defenses.common import DefenseError, Layout, check_same_structure, choose_kernels, layouts_of
 from safetrade.paths import SEP, leaves_by_path
-from safetrade.safedelta.tree import LORA_LEAVES, Kernels, _as_in_out
+from safetrade.safedelta.tree import LORA_LEAVES, Kernels, as_in_out
 
 OFFICIAL_NUM_LAYERS = 10  # IBM/SafeLoRA config.py: num_proj_layers, with select_layers_type = "number"
 OFFICIAL_THRESHOLD = 0.5  # IBM/SafeLoRA config.py: threshold, used when select_layers_type = "threshold"
@@ -163,13 +163,13 @@ def _lora_project(w_a, w_u, b, mask):
 
 def _stacked(x, layout: str) -> tuple[jax.Array, tuple[int, ...]]:
     """x as [L, in, out] (any leading axes flattened into L) and its leading shape."""
-    x = _as_in_out(jnp.asarray(x), layout)
+    x = as_in_out(jnp.asarray(x), layout)
     lead = tuple(x.shape[:-2])
     return x.reshape(int(np.prod(lead, dtype=np.int64)), *x.shape[-2:]), lead
 
 
 def _unstacked(x, lead: tuple[int, ...], layout: str):
-    return _as_in_out(x.reshape(*lead, *x.shape[-2:]), layout)
+    return as_in_out(x.reshape(*lead, *x.shape[-2:]), layout)
 
 
 def _adapter_modules(leaves_f: dict) -> dict[str, tuple[str, str]]:

@@ -113,7 +113,8 @@ def _bad_layers(finite_per_layer) -> list[int]:
     return [int(i) for i in np.flatnonzero(~np.asarray(finite_per_layer))]
 
 
-def _as_in_out(kernel, layout: str):
+def as_in_out(kernel, layout: str):
+    """A kernel in the [.., in, out] layout from `layout` ("in_out" or "out_in"); its own inverse."""
     if layout == "in_out":
         return kernel
     return np.swapaxes(kernel, -1, -2) if isinstance(kernel, np.ndarray) else jnp.swapaxes(kernel, -1, -2)
@@ -131,7 +132,7 @@ def _checked_inputs(path: str, w_a, w_f, hessians: Mapping[str, Any], layout: st
     name = hessian_name(hessians, path)
     to_array, finite_per_layer = (_on_host, _finite_per_layer_on_host) if on_host else (jnp.asarray,
                                                                                           _finite_per_layer)
-    w_a, w_f = _as_in_out(to_array(w_a), layout), _as_in_out(to_array(w_f), layout)
+    w_a, w_f = as_in_out(to_array(w_a), layout), as_in_out(to_array(w_f), layout)
     lead, d_in = w_a.shape[:-2], w_a.shape[-2]
     hessian = to_array(hessians[path])
     if tuple(hessian.shape) != (*lead, d_in, d_in):
@@ -227,7 +228,7 @@ def safe_delta(aligned, finetuned, hessians: Mapping[str, Any], cfg: SafeDeltaCo
                 f"{path}: Hessian {name!r} could not be factorised in layer(s) {failed} even with damping "
                 f"{cfg.damp_limit} × mean(diag H); check the calibration activations"
             )
-        out[path] = _as_in_out(new_kernel.reshape(*lead, *new_kernel.shape[-2:]), layouts[path])
+        out[path] = as_in_out(new_kernel.reshape(*lead, *new_kernel.shape[-2:]), layouts[path])
         for layer, damping in enumerate(np.asarray(stats["damping"])):
             if damping > cfg.damp * (1 + 1e-6):
                 report["damping_fallbacks"].append({"kernel": path, "layer": layer if lead else None,
