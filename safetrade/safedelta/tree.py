@@ -82,7 +82,9 @@ def select_kernels(leaves: Mapping[str, Any], hessians: Mapping[str, Any], kerne
         if missing:
             raise SafeDeltaError(f"{missing[0]}: not a leaf of the params (some leaves: {list(leaves)[:5]})")
     if not chosen:
-        raise SafeDeltaError(f"no kernel selected (kernels={kernels!r}; Hessians for {sorted(hessians)[:5]})")
+        raise SafeDeltaError(f"no kernel selected (kernels={kernels!r}"
+                             + (f"; Hessians for {sorted(hessians)[:5]})" if hessians else
+                                f"; some leaves: {list(leaves)[:5]})"))
     return chosen
 
 
