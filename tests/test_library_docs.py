@@ -30,7 +30,7 @@ def test_every_section_has_code():
     assert PREAMBLE.strip(), "docs/library.md: the preamble has no python block"
     empty = [name for name, code in SECTIONS.items() if not code.strip()]
     assert not empty, f"docs/library.md: section(s) without a python block: {empty}"
-    assert {"tradeoff", "safedelta", "sqsd"} <= set(SECTIONS)
+    assert {"tradeoff", "safedelta", "sqsd", "defenses"} <= set(SECTIONS)
 
 
 @pytest.mark.parametrize("name", sorted(SECTIONS))
