@@ -104,9 +104,8 @@ def _prefill_after_prefix(cfg: LlamaConfig, params: Params, shared: KVCache, tok
     each row sees exactly prefix + its tokens."""
     b, width = tokens.shape
     p = shared.k.shape[2]
-    cache = KVCache.zeros(cfg, b, cache_len)
-    cache = KVCache(*(jax.lax.dynamic_update_slice(c, jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])).astype(c.dtype),
-                                                   (0, 0, 0, 0, 0)) for c, x in ((cache.k, shared.k), (cache.v, shared.v))))
+    empty = KVCache.zeros(cfg, b, cache_len)
+    cache = KVCache(empty.k.at[:, :, :p].set(shared.k), empty.v.at[:, :, :p].set(shared.v))  # batch 1 broadcasts
     kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(True).at[:, p:p + width].set(mask.astype(bool))
     positions = p + llama.positions_from_mask(mask)
     logits, cache = llama.forward_with_cache(cfg, params, tokens, positions, kv_valid, cache, p)
@@ -154,8 +153,9 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
 
     `prefix`: token ids that come before every prompt (a judge's fixed instructions, a few-shot block). It is
     prefilled once for the whole batch instead of once per row; the result equals generating from
-    prefix + prompt; `prefix_kv` (from `prefix_cache`) saves recomputing it across calls. `return_first_logits` also returns the logits the first new token was chosen from (what
-    classifier-style judges read their verdict probability from), at no extra forward pass."""
+    prefix + prompt. `prefix_kv` (from `prefix_cache`) saves recomputing it across calls.
+    `return_first_logits` also returns the logits the first new token was chosen from (what classifier-style
+    judges read their verdict probability from), at no extra forward pass."""
     tokens, mask = left_pad(prompts, pad_id, sampling.pad_to_multiple)
     width = len(prefix) + tokens.shape[1]
     cache_len = width + -(-sampling.max_new_tokens // sampling.pad_to_multiple) * sampling.pad_to_multiple
