@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from safetrade.defenses.resta import RestaConfig
 from safetrade.defenses.safe_lora import SafeLoraConfig
 from safetrade.errors import SafetradeError
 from safetrade.models import io, lora
+from safetrade.safedelta.job import load_finetuned
 
 METHODS = ("safe_lora", "resta")
 
@@ -92,22 +92,21 @@ def run_defend_job(job: DefendJob) -> dict:
                              f"{job.aligned} ({cfg_u.num_layers} layers x {cfg_u.hidden_size}, vocab "
                              f"{cfg_u.vocab_size} vs {cfg.num_layers} x {cfg.hidden_size}, {cfg.vocab_size})")
     adapter = (Path(job.finetuned) / lora.CONFIG_NAME).exists()
-    if adapter:
+    lora_form = adapter and job.method == "safe_lora"  # Safe LoRA projects the adapters themselves, then merges
+    if lora_form:
         lora_cfg, finetuned = lora.load_peft(job.finetuned, cfg, aligned)
-    else:
-        lora_cfg, (_, finetuned) = None, _load(job.finetuned, "finetuned")
+    else:  # an adapter dir is merged onto `aligned` on load, as `safetrade safedelta` does
+        try:
+            _, finetuned = load_finetuned(job.finetuned, cfg, aligned)
+        except SafetradeError as e:
+            raise SafetradeError(f"finetuned checkpoint {job.finetuned}: {e}") from e
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if job.method == "safe_lora":
-        if adapter:  # the LoRA form: lora_b of the projected adapters changes, then everything is merged
-            defended, report = job.safe_lora.run(aligned, unaligned, finetuned)
-            params = lora.merge(lora_cfg, defended)[1]
-        else:
-            params, report = job.safe_lora.run(aligned, unaligned, finetuned)
-    else:
-        merged = lora.merge(lora_cfg, finetuned)[1] if adapter else finetuned
-        params, report = job.resta.run(aligned, unaligned, merged)
+    method = job.safe_lora if job.method == "safe_lora" else job.resta
+    params, report = method.run(aligned, unaligned, finetuned)
+    if lora_form:
+        params = lora.merge(lora_cfg, params)[1]
     params = jax.block_until_ready(params)
     timings["transform"] = time.perf_counter() - start
 
@@ -116,16 +115,6 @@ def run_defend_job(job: DefendJob) -> dict:
     io.save_hf(out / "hf", cfg.replace(lora=None), params, tokenizer=_tokenizer_or_none(job.aligned))
     timings["export"] = time.perf_counter() - start
     summary = {"job": dataclasses.asdict(job), "finetuned_is_adapter": adapter, "timings": timings,
-               "report": _jsonable(report)}
+               "report": report}
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    return x
