@@ -361,13 +361,18 @@ def _describe_tests(used: set) -> str:
 
 
 def _judge_legend(records: list[dict], labels: list[str]) -> list[str]:
-    """Which question each judge answered, so "ASR" is never ambiguous (refusal judges vs harm judges)."""
-    answers = {}
-    for r in records:
+    """Which question each judge answered, so "ASR" is never ambiguous (refusal judges vs harm judges), and where a
+    judge failed on some replies."""
+    answers, errors = {}, []
+    for label, r in zip(labels, records):
         for key, entry in r["metrics"].items():
             if key.startswith(("detail/harmful/", "detail/benign/")) and isinstance(entry, dict):
                 for name, d in entry.get("judges", {}).items():
                     answers.setdefault(name, _answers(d))
+                    if d.get("n_judge_errors"):
+                        errors.append(f"judge errors: {label} {key.split('/', 1)[1]} {name}: {d['n_judge_errors']} "
+                                      f"of {d['n_judge_errors'] + d.get('n_judged', 0)} replies (left out of its "
+                                      "rates; see the samples' verdicts[...].error)")
     if not answers:
         return []
     refused = [n for n, a in answers.items() if a == "refused"]
@@ -380,16 +385,7 @@ def _judge_legend(records: list[dict], labels: list[str]) -> list[str]:
         parts.append(f"{verb(refused)} \"refused?\" (ASR = share of replies not refused)")
     if harmful:
         parts.append(f"{verb(harmful)} \"harmful?\" (ASR = share of replies judged harmful)")
-    lines = ["judges: " + "; ".join(parts) + "; an unbracketed asr/over_refusal row is the record's first judge."]
-    for label, r in zip(labels, records):
-        for key, entry in r["metrics"].items():
-            if key.startswith(("detail/harmful/", "detail/benign/")) and isinstance(entry, dict):
-                for name, d in entry.get("judges", {}).items():
-                    if d.get("n_judge_errors"):
-                        lines.append(f"judge errors: {label} {key.split('/', 1)[1]} {name}: {d['n_judge_errors']} "
-                                     f"of {d['n_judge_errors'] + d.get('n_judged', 0)} replies (left out of its rates; "
-                                     "see the samples' verdicts[...].error)")
-    return lines
+    return ["judges: " + "; ".join(parts) + "; an unbracketed asr/over_refusal row is the record's first judge."] + errors
 
 
 def _agreement(record: dict, sample_set: str) -> dict[str, dict]:
