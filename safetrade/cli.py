@@ -269,6 +269,16 @@ def _resolved_config(cls, args):
     return None
 
 
+def _saved_job(cls, args):
+    """`_resolved_config`, then the resolved job written to OUT_DIR/config.yaml (re-run with --config)."""
+    from safetrade import config
+
+    job = _resolved_config(cls, args)
+    if job is not None:
+        config.save(job, Path(job.out_dir) / "config.yaml")
+    return job
+
+
 def cmd_train_job(args) -> int:
     from safetrade import config
     from safetrade.train.jobs import run_train_job
@@ -309,14 +319,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_safedelta(args) -> int:
-    from safetrade import config
     from safetrade.safedelta.job import SafeDeltaJob, nest_method_overrides, run_safe_delta_job
 
     args.overrides = nest_method_overrides(args.overrides)
-    job = _resolved_config(SafeDeltaJob, args)
+    job = _saved_job(SafeDeltaJob, args)
     if job is None:
         return 0
-    config.save(job, Path(job.out_dir) / "config.yaml")
     summary = run_safe_delta_job(job)
     print(json.dumps({k: summary[k] for k in ("timings", "kept_fraction", "calibration")}, indent=2))
     if summary["damping_fallbacks"]:
@@ -326,14 +334,12 @@ def cmd_safedelta(args) -> int:
 
 
 def cmd_defend(args) -> int:
-    from safetrade import config
     from safetrade.defenses.job import DefendJob, nest_method_overrides, run_defend_job
 
     args.overrides = nest_method_overrides(args.overrides)
-    job = _resolved_config(DefendJob, args)
+    job = _saved_job(DefendJob, args)
     if job is None:
         return 0
-    config.save(job, Path(job.out_dir) / "config.yaml")
     summary = run_defend_job(job)
     report = summary["report"]
     if job.method == "safe_lora":
@@ -347,13 +353,11 @@ def cmd_defend(args) -> int:
 
 
 def cmd_theory(args) -> int:
-    from safetrade import config
     from theory.real import TheoryJob, run_theory_job
 
-    job = _resolved_config(TheoryJob, args)
+    job = _saved_job(TheoryJob, args)
     if job is None:
         return 0
-    config.save(job, Path(job.out_dir) / "config.yaml")
     result = run_theory_job(job)
     print((Path(job.out_dir) / "bounds.md").read_text())
     print(f"{result['violations']} violation(s); wrote result.json, bounds.md, bounds.png to {job.out_dir}",
