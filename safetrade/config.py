@@ -73,6 +73,28 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DefenseSection:
+    """A data-level defense mixed into the training rows (safetrade/defenses/data.py has each rule)."""
+
+    name: str = "none"  # none | safeinstr (refusal examples mixed in) | bea (the same under a secret trigger)
+    fraction: float = 0.1  # safety examples per training row, before the cap (Safe Delta's baseline setting)
+    max_examples: int | None = 1000
+    trigger: str | None = None  # bea: the trigger itself; None: generated from the vocabulary and trigger_seed
+    trigger_tokens: int = 150
+    trigger_seed: int = 0  # bea: the provider's secret
+    base_system: str | None = None  # bea: S in "{trigger} {S}"; None: the trigger alone
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in DEFENSES:
+            raise ConfigError(f"defense.name {self.name!r}; choose {', '.join(DEFENSES)} "
+                              "(Lisa is a strategy: strategy.name=lisa; weight defenses: safetrade defend)")
+
+
+DEFENSES = ("none", "safeinstr", "bea")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSection:
     data: int = -1
     fsdp: int = 1
@@ -88,6 +110,7 @@ class TrainJob:
     data: DataSection = DataSection()
     mesh: MeshSection = MeshSection()
     strategy: StrategyConfig = Sft()  # a strategy's own config, picked by its `name` (safetrade/tradeoff/registry.py)
+    defense: DefenseSection = DefenseSection()
     steps: int = 100
     log_every: int = 1
     eval_every: int = 0

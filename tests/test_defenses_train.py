@@ -366,3 +366,135 @@ def test_lisa_on_a_tiny_llama_with_lora_matches_a_hand_loop():
         p = optax.apply_updates(p, updates)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), result.params, p)
     assert all(np.isfinite(h["loss"]) for h in result.history)
+
+
+# ---- Lisa as a strategy: the anchor in the optimiser state, the batches chosen by the job ----------------------
+
+
+def test_schedule_counts_hand_cases():
+    from safetrade.defenses.lisa import schedule_counts
+
+    cfg = LisaConfig(alignment_steps=2, finetune_steps=3)
+    # steps 0 1 | 2 3 4 | 5 6 | 7 ...  (A A U U U A A U)
+    assert [schedule_counts(k, cfg) for k in range(9)] == [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (2, 3), (3, 3),
+                                                           (4, 3), (4, 4)]
+
+
+@pytest.mark.parametrize(("k1", "k2", "rho", "off"), [(3, 2, 0.5, 0.0), (2, 5, 3.0, 0.25), (1, 1, 2.0, 0.0)])
+def test_bistate_piece_in_a_plain_optax_loop_equals_lisa_train(k1, k2, rho, off):
+    from safetrade.defenses.lisa import lisa_bistate
+
+    steps, lr = 23, 0.1
+    cfg = LisaConfig(rho=rho, alignment_steps=k1, finetune_steps=k2, proximal_off_fraction=off)
+    want = _run(cfg, steps, lr)
+    tx = optax.chain(lisa_bistate(cfg, steps), optax.sgd(lr))
+    params = _zeros()
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    for k in range(steps):
+        target = A if lisa_schedule(k, cfg) == ALIGNMENT else U
+        grads = jax.grad(_quadratic)(params, target)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), params, want.params)
+    last_switch_anchor = want.anchors[ALIGNMENT if lisa_schedule(steps - 1, cfg) == FINETUNE else FINETUNE]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), state[0].anchor,
+                 last_switch_anchor)
+    assert int(state[0].count) == steps
+
+
+def test_lisa_strategy_train_step_equals_lisa_train_on_a_tiny_llama():
+    # Full fine-tuning through the registry's "lisa" strategy and the job's batch rule vs the library loop.
+    from safetrade.defenses.lisa import llama_loss_fn
+    from safetrade.models import llama
+    from safetrade.train import step as step_lib
+    from safetrade.train.jobs import lisa_batch
+    from safetrade.tradeoff import strategy_config
+
+    cfg = llama.preset("tiny")
+    params = llama.init(cfg, jax.random.key(0))
+
+    def batch(seed):
+        ids = jax.random.randint(jax.random.key(seed), (2, 12), 0, cfg.vocab_size)
+        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+
+    align, user = [batch(10 + i) for i in range(6)], [batch(20 + i) for i in range(6)]
+    steps, tx = 6, optax.adam(3e-3)
+    strategy = strategy_config("lisa", rho=50.0, alignment_steps=1, finetune_steps=2, proximal_off_fraction=0.2,
+                               total_steps=steps)
+    fn = jax.jit(step_lib.make_train_step(cfg, tx, strategy))
+    state = step_lib.init_state(params, tx, strategy)
+    flags = []
+    for k in range(steps):
+        state, metrics = fn(state, {"cap": lisa_batch(k, strategy.lisa_config(), align.__getitem__,
+                                                      user.__getitem__)}, {})
+        flags.append(float(metrics["lisa_alignment"]))
+    assert flags == [1, 0, 0, 1, 0, 0]
+    want = lisa_train(llama_loss_fn(cfg), params, tx.init(params), tx, iter(align), iter(user),
+                      strategy.lisa_config(), steps)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), state.params, want.params)
+    # ρ = 50 matters: without the proximal term the params differ
+    plain = lisa_train(llama_loss_fn(cfg), params, tx.init(params), tx, iter(align), iter(user),
+                       LisaConfig(rho=0.0, alignment_steps=1, finetune_steps=2), steps)
+    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, plain.params, want.params))) > 1e-3
+
+
+def test_lisa_strategy_config_errors_and_defaults():
+    from safetrade.tradeoff import StrategyError, build, strategy_config
+
+    lisa = strategy_config("lisa")
+    assert lisa.lisa_config() == LisaConfig()  # the same defaults as the library's config
+    with pytest.raises(StrategyError, match="total_steps is 0"):
+        build(lisa)
+    with pytest.raises(StrategyError, match="rho must be >= 0"):
+        strategy_config("lisa", rho=-1.0)
+    with pytest.raises(config_lib.ConfigError, match="strategy.lam: not a knob of strategy lisa"):
+        config_lib.load(config_lib.TrainJob, None, ["strategy.name=lisa", "strategy.lam=1"])
+    with pytest.raises(config_lib.ConfigError, match="defense.name 'lisa'.*strategy.name=lisa"):
+        config_lib.load(config_lib.TrainJob, None, ["defense.name=lisa"])
+
+
+def test_job_mixes_the_data_defense_after_the_held_out_cut(tiny):
+    from safetrade.train.jobs import mix_defense_rows
+
+    rows = _user_rows(50)
+    same, system = mix_defense_rows(rows, config_lib.DefenseSection(), tiny)
+    assert same is rows and system is None
+    mixed, system = mix_defense_rows(rows, config_lib.DefenseSection(name="safeinstr", fraction=0.1), tiny)
+    assert system is None and sum(r.get("role") == "safety" for r in mixed) == 5 and len(mixed) == 55
+    section = config_lib.DefenseSection(name="bea", fraction=0.2, trigger="xq zv", base_system="Be helpful.")
+    mixed, system = mix_defense_rows(rows, section, tiny)
+    assert system == "xq zv Be helpful."
+    safety = [r for r in mixed if r.get("role") == "safety"]
+    assert len(safety) == 10 and all(r["system"] == system for r in safety)
+    assert all(r.get("system") == "Be helpful." for r in mixed if r.get("role") != "safety")
+
+
+@pytest.mark.slow
+def test_finetune_job_with_bea_and_lisa_end_to_end(tmp_path, smollm2_gguf):
+    import json
+
+    from safetrade.models import io, llama
+    from safetrade.tokenizer import load_tokenizer
+    from safetrade.train.jobs import run_train_job
+
+    model = tmp_path / "model"
+    cfg = llama.preset("tiny").replace(vocab_size=49152, max_position_embeddings=512)
+    io.save_hf(model, cfg, llama.init(cfg, jax.random.key(0)), tokenizer=load_tokenizer(smollm2_gguf))
+    job = config_lib.load(config_lib.TrainJob, "experiments/configs/finetune.yaml", [
+        f"model.name={model}", f"out_dir={tmp_path / 'run'}", "steps=3", "eval_every=0", "save_every=0",
+        "data.max_len=64", "data.batch_size=8", "data.eval_rows=8", "data.eval_sets=[attack]",
+        "strategy.name=lisa", "strategy.alignment_steps=1", "strategy.finetune_steps=2",
+        "defense.name=bea", "defense.trigger_seed=7"])
+    summary = run_train_job(job)
+    run = tmp_path / "run"
+    system = (run / "inference_system.txt").read_text()
+    assert system == ddata.make_trigger(load_tokenizer(smollm2_gguf), 150, 7)
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["attack"]["total"] == 92 + 9  # 100 pairs - 8 held out, + floor(0.1 * 92) BEA rows
+    assert "lisa/alignment" in report
+    flags = [json.loads(line).get("lisa_alignment") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [f for f in flags if f is not None] == [1.0, 0.0, 0.0]
+    assert summary["defense"] == "bea" and summary["strategy"] == "lisa"
+    saved = config_lib.load(config_lib.TrainJob, run / "config.yaml")
+    assert saved.defense.name == "bea" and saved.strategy.name == "lisa"

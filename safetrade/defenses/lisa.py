@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from safetrade.defenses.common import DefenseError
@@ -49,8 +50,11 @@ __all__ = [
     "FINETUNE",
     "LisaConfig",
     "LisaResult",
+    "LisaBistateState",
+    "lisa_bistate",
     "lisa_proximal",
     "lisa_schedule",
+    "schedule_counts",
     "lisa_train",
     "llama_loss_fn",
     "make_lisa_step",
@@ -102,6 +106,14 @@ def lisa_schedule(step: int, cfg: LisaConfig) -> str:
     return ALIGNMENT if step % cycle < cfg.alignment_steps else FINETUNE
 
 
+def schedule_counts(step: int, cfg: LisaConfig) -> tuple[int, int]:
+    """(alignment steps, fine-tune steps) that come before 0-based `step` in the schedule: the index of the next
+    batch each state draws when its batches are consumed only in its own steps."""
+    cycles, within = divmod(step, cfg.alignment_steps + cfg.finetune_steps)
+    alignment = cycles * cfg.alignment_steps + min(within, cfg.alignment_steps)
+    return alignment, step - alignment
+
+
 def proximal_active(step: int, total_steps: int, cfg: LisaConfig) -> bool:
     """Whether the proximal term applies at 0-based `step` (official: step > proximal_off_fraction x total)."""
     return cfg.rho > 0 and step > cfg.proximal_off_fraction * total_steps
@@ -131,6 +143,44 @@ def lisa_proximal(rho: float) -> optax.GradientTransformationExtraArgs:
             raise DefenseError("lisa_proximal needs params: call update(grads, state, params, anchor=...)")
         prox = proximal_grad(params, anchor, rho)
         return jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, prox), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class LisaBistateState(NamedTuple):
+    count: jax.Array  # int32: optimiser steps taken
+    anchor: Any  # the other state's anchor: the params at the latest switch (at first the initial params)
+
+
+def lisa_bistate(cfg: LisaConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """Lisa's proximal term with its anchors kept in the optimiser state: one piece, jittable, for any train step.
+
+    Chain it before the optimiser. Step `count` is in the state `lisa_schedule(count, cfg)` says; the caller feeds
+    that state's batch (its loss is the gradient passed in). Whenever the state changes, the params reaching this
+    update -- the last params of the state being left -- become the anchor, so the anchor is always the other
+    state's checkpoint, as in `lisa_train`. The gradient gains ρ (params − anchor) when
+    `proximal_active(count, total_steps, cfg)`. Holds one copy of the params, like an optimiser moment.
+    """
+    cycle = cfg.alignment_steps + cfg.finetune_steps
+    off_until = cfg.proximal_off_fraction * total_steps
+
+    def in_alignment(count):
+        return (count % cycle) < cfg.alignment_steps
+
+    def init_fn(params):
+        return LisaBistateState(jnp.zeros((), jnp.int32), jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del extra
+        if params is None:
+            raise DefenseError("lisa_bistate needs params: call update(grads, state, params)")
+        count = state.count
+        switched = (count > 0) & (in_alignment(count) != in_alignment(count - 1))
+        anchor = jax.tree.map(lambda p, a: jnp.where(switched, p, a), params, state.anchor)
+        on = (cfg.rho > 0) & (count > off_until)
+        prox = proximal_grad(params, anchor, cfg.rho)
+        updates = jax.tree.map(lambda g, p: g + jnp.where(on, p, 0).astype(g.dtype), updates, prox)
+        return updates, LisaBistateState(count + 1, anchor)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

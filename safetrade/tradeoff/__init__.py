@@ -16,11 +16,11 @@ from safetrade.tradeoff.case2 import ball_factors, case2_penalty, case2_projecti
 from safetrade.tradeoff.displacement import (Displacement, LoraPaths, anchored, lora_by_path, lora_displacement,
                                              merged_delta)
 from safetrade.tradeoff.registry import (REGISTRY, Case1Constrained, Case1Penalty, Case2Penalty, Case2Projection,
-                                         Pieces, Sft, Strategy, StrategyConfig, StrategyError, build, strategy_config)
+                                         Lisa, Pieces, Sft, Strategy, StrategyConfig, StrategyError, build, strategy_config)
 
 __all__ = [
     "REGISTRY", "Case1Constrained", "Case1ConstrainedState", "Case1Penalty", "Case2Penalty", "Case2Projection",
-    "Displacement", "LoraPaths", "Pieces", "Sft", "Strategy", "StrategyConfig", "StrategyError", "anchored",
+    "Displacement", "Lisa", "LoraPaths", "Pieces", "Sft", "Strategy", "StrategyConfig", "StrategyError", "anchored",
     "ball_factors", "build", "case1_constrained", "case1_penalty", "case2_penalty", "case2_projection",
     "current_lambda", "lora_by_path", "lora_displacement", "merged_delta", "penalized",
     "penalty_value", "strategy_config",

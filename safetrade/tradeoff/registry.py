@@ -149,6 +149,31 @@ class Case2Penalty(StrategyConfig):
     uses_anchor: ClassVar[bool] = True
 
 
+@dataclasses.dataclass(frozen=True)
+class Lisa(StrategyConfig):
+    """Lisa (Huang et al., 2024): alternate alignment-data and user-data steps, each with a proximal term ρ/2 ‖θ −
+    θ_other‖² towards the other state's checkpoint (safetrade/defenses/lisa.py has the rule and the defaults).
+
+    The job feeds the alignment set's batch on alignment steps (`lisa_schedule`); the anchor lives in the
+    optimiser state. Knobs mirror `safetrade.defenses.lisa.LisaConfig`, plus the run length the proximal switch-on
+    needs.
+    """
+
+    name: str = "lisa"
+    rho: float = 1.0
+    alignment_steps: int = 100
+    finetune_steps: int = 900
+    proximal_off_fraction: float = 0.1
+    skip_user_batches_on_alignment: bool = True
+    alignment_set: str = "alignment"
+    total_steps: int = 0  # the run's steps, for proximal_off_fraction; 0: `safetrade finetune` fills in its `steps`
+
+    def lisa_config(self):
+        from safetrade.defenses.lisa import LisaConfig  # the defenses package is not needed to load the registry
+
+        return LisaConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LisaConfig)})
+
+
 def _capability_only(cap, proxy, opt_state):
     del proxy, opt_state
     return cap
@@ -206,6 +231,21 @@ def _case2_penalty(cfg: Case2Penalty, displacement) -> Pieces:
     return Pieces(gradient=case2_penalty(None, cfg.mu, displacement=displacement), metrics=metrics)
 
 
+def _lisa(cfg: Lisa, displacement) -> Pieces:
+    from safetrade.defenses.lisa import lisa_bistate
+
+    if cfg.total_steps == 0 and cfg.proximal_off_fraction > 0:
+        raise StrategyError("strategy lisa: total_steps is 0; set it to the run's steps (the proximal term is off "
+                            "for the first proximal_off_fraction of them), or set proximal_off_fraction=0")
+    cycle = cfg.alignment_steps + cfg.finetune_steps
+
+    def metrics(params, opt_state, hook):
+        count = opt_state[0].count  # the chain's first piece is this strategy's gradient piece
+        return {"lisa_alignment": ((count % cycle) < cfg.alignment_steps).astype(jnp.float32)}
+
+    return Pieces(gradient=lisa_bistate(cfg.lisa_config(), cfg.total_steps), metrics=metrics)
+
+
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     config: type[StrategyConfig]
@@ -218,6 +258,7 @@ REGISTRY: dict[str, Strategy] = {
     "case1_constrained": Strategy(Case1Constrained, _case1_constrained),
     "case2_projection": Strategy(Case2Projection, _case2_projection),
     "case2_penalty": Strategy(Case2Penalty, _case2_penalty),
+    "lisa": Strategy(Lisa, _lisa),
 }
 
 

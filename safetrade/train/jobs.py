@@ -10,6 +10,7 @@ checkpoints/ (orbax, resumable), and at the end hf/ (merged HF safetensors + tok
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -116,12 +117,26 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
     pad_id = tokenizer.pad_token_id or 0
 
     strategy = job.strategy
+    if strategy.name == "lisa" and strategy.total_steps == 0:
+        strategy = dataclasses.replace(strategy, total_steps=job.steps)
     data = job.data
     reports: dict = {}
     train_rows, _ = held_out(rows_for(data.train, data), data.eval_rows, data.seed)
+    # After the held-out cut, so that no safety row is ever held out as one of the user's evaluation rows.
+    train_rows, inference_system = mix_defense_rows(train_rows, job.defense, tokenizer)
+    if inference_system is not None:
+        (out / "inference_system.txt").write_text(inference_system)
+        log.warning("defense bea: evaluate this model with the system prompt in %s (evaluate system=...)",
+                    out / "inference_system.txt")
     train_examples = _encode(tokenizer, train_rows, data, data.train, reports)
     global_batch = data.batch_size * data.accum_steps
     cap_batches = Batches(train_examples, global_batch, data.seed, pad_id, data.max_len, data.group_by_length)
+    alignment_batches = None
+    if strategy.name == "lisa":
+        alignment_rows, _ = held_out(rows_for(strategy.alignment_set, data), data.eval_rows, data.seed)
+        alignment_batches = Batches(_encode(tokenizer, alignment_rows, data, f"lisa/{strategy.alignment_set}",
+                                            reports), global_batch, data.seed + 2, pad_id, data.max_len,
+                                    data.group_by_length)
     proxy_batches = None
     if strategy.uses_proxy:
         proxy_rows, _ = held_out(rows_for(data.proxy, data), data.eval_rows, data.seed)
@@ -174,6 +189,8 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
 
     def batches(k):
         batch = {"cap": cap_batches(k)}
+        if alignment_batches is not None:
+            batch["cap"] = lisa_batch(k, strategy.lisa_config(), alignment_batches, cap_batches)
         if proxy_batches is not None:
             batch["proxy"] = proxy_batches(k)
         return {name: parallel.host_local_batch_to_global(_host_rows(part), mesh) for name, part in batch.items()}
@@ -191,13 +208,42 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
         lora_lib.save_peft(out / "adapter", cfg, state.params, base_model_name_or_path=str(job.model.name))
         export_cfg, final = lora_lib.merge(cfg, final)
     io.save_hf(out / "hf", export_cfg, final, tokenizer=tokenizer)
-    summary = {"out_dir": str(out), "steps": job.steps, "strategy": job.strategy.name, "lora": job.lora.enabled,
+    summary = {"out_dir": str(out), "steps": job.steps, "strategy": job.strategy.name,
+               "defense": job.defense.name, "lora": job.lora.enabled,
                "eval_before": before, "eval_after": after, "seconds": time.perf_counter() - started,
                "devices": jax.device_count(), "rows_kept": {k: v["kept"] for k, v in reports.items()},
                # model.dtype "auto" as resolved on this backend (models/io.py resolve_dtypes)
                "backend": jax.default_backend(), "dtype": base_cfg.dtype, "param_dtype": base_cfg.param_dtype}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def mix_defense_rows(rows, defense: config_lib.DefenseSection, tokenizer):
+    """(the training rows with the data defense's safety examples mixed in, BEA's inference system prompt or
+    None)."""
+    from safetrade.defenses.data import BEAConfig, SafeInstrConfig, apply_bea, apply_safeinstr
+
+    if defense.name == "none":
+        return rows, None
+    if defense.name == "safeinstr":
+        cfg = SafeInstrConfig(fraction=defense.fraction, max_examples=defense.max_examples, seed=defense.seed)
+        return apply_safeinstr(rows, cfg), None
+    cfg = BEAConfig(fraction=defense.fraction, max_examples=defense.max_examples, trigger=defense.trigger,
+                    trigger_tokens=defense.trigger_tokens, trigger_seed=defense.trigger_seed,
+                    base_system=defense.base_system, seed=defense.seed)
+    return apply_bea(rows, cfg, tokenizer)
+
+
+def lisa_batch(k: int, cfg, alignment_batches, user_batches):
+    """Step k's batch under Lisa: the alignment set's on alignment steps, else the user's. Each source's index
+    counts only its own steps, except that with skip_user_batches_on_alignment the user's index is k itself (a user
+    batch is drawn and dropped on every alignment step, as the official trainer does)."""
+    from safetrade.defenses.lisa import ALIGNMENT, lisa_schedule, schedule_counts
+
+    n_alignment, n_finetune = schedule_counts(k, cfg)
+    if lisa_schedule(k, cfg) == ALIGNMENT:
+        return alignment_batches(n_alignment)
+    return user_batches(k if cfg.skip_user_batches_on_alignment else n_finetune)
 
 
 def _host_rows(batch):
