@@ -27,8 +27,9 @@ options with its values as defaults (neither is in the paper's algorithm):
 Steps are optimiser steps here (the official counts micro-batches; with gradient accumulation 1 they agree).
 
 In the paper D_a is the alignment data itself (BeaverTails safe pairs); safetrade's is the built "alignment" set
-(`alignment_set`, a `sets.rows_for` name). `lisa_proximal` is the optax piece a train step that forwards
-`anchor=` to its optimiser chain can use; docs/defenses.md says what the train loop would need besides.
+(`alignment_set`, a `sets.rows_for` name). `lisa_bistate` is the same rule as one optax piece that keeps the
+anchor in its state (what `safetrade finetune strategy.name=lisa` chains); `lisa_proximal` takes the anchor as an
+update argument instead.
 """
 
 from __future__ import annotations
