@@ -236,6 +236,57 @@ def pareto_plot(scenario: str, rows: list[dict], aligned: dict, path: Path) -> N
     plt.close(fig)
 
 
+def _refused(record: dict, sample_set: str, judge: str = "keyword") -> list[bool | None]:
+    out = []
+    for sample in record["samples"][sample_set]:
+        verdict = (sample.get("verdicts") or {}).get(judge)
+        out.append(None if sample.get("error") or not verdict or verdict.get("error") else bool(verdict["refused"]))
+    return out
+
+
+def _pct(rate, ci) -> str:
+    return f"{100 * rate:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _p(p: float) -> str:
+    return ("<0.001" if p < 0.001 else f"{p:.3f}") + ("" if p < 0.05 else " ns")
+
+
+def summary_markdown(out: Path, result: dict) -> str:
+    """One table over scenarios: each defense's rates with 95 % intervals and exact McNemar p against SFT on the
+    same prompts (keyword judge), the loss change against SFT and the extra wall time."""
+    from safetrade.evaluate import stats
+
+    lines = ["| scenario | defense | ASR keyword [95 %] | p vs SFT | ASR classifier [95 %] | over-refusal [95 %] | "
+             "p vs SFT | GSM8K loss (Δ vs SFT) | extra s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for scenario, sc in result["scenarios"].items():
+        records = {row["label"]: json.loads((out / scenario / "eval" / f"{row['label']}.json").read_text())
+                   for row in sc["rows"]}
+        sft_row = next(r for r in sc["rows"] if r["label"] == "sft")
+        sft = records["sft"]
+        a = sc["aligned"]
+        lines.append(f"| {scenario} | aligned (no fine-tune) | {_pct(a['asr_keyword'], a['asr_keyword_ci'])} | | "
+                     f"{_pct(a['asr_classifier'], a['asr_classifier_ci'])} | "
+                     f"{_pct(a['over_refusal'], a['over_refusal_ci'])} | | {a['gsm8k_loss']:.3f} | |")
+        for row in sc["rows"]:
+            rec = records[row["label"]]
+            name = row["label"] if row["knob"] is None else f"{row['defense']} ({row['knob']} = {row['value']})"
+            if row["label"] == "sft":
+                p_asr = p_over = ""
+            else:
+                harmful = [None if r is None else not r for r in _refused(rec, "harmful:heldout")]
+                harmful_sft = [None if r is None else not r for r in _refused(sft, "harmful:heldout")]
+                p_asr = _p(stats.mcnemar_exact(harmful_sft, harmful)["p_value"])
+                p_over = _p(stats.mcnemar_exact(_refused(sft, "benign:heldout"),
+                                                _refused(rec, "benign:heldout"))["p_value"])
+            delta = row["gsm8k_loss"] - sft_row["gsm8k_loss"]
+            lines.append(f"| {scenario} | {name} | {_pct(row['asr_keyword'], row['asr_keyword_ci'])} | {p_asr} | "
+                         f"{_pct(row['asr_classifier'], row['asr_classifier_ci'])} | "
+                         f"{_pct(row['over_refusal'], row['over_refusal_ci'])} | {p_over} | "
+                         f"{row['gsm8k_loss']:.3f} ({delta:+.3f}) | {row['extra_seconds']:+.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -338,7 +389,8 @@ def main(argv=None) -> None:
     for scenario in args.scenarios:
         result["scenarios"][scenario] = run_scenario(args, scenario, aligned_eval, shared)
         (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"wrote {args.out / 'result.json'}", flush=True)
+        (args.out / "summary.md").write_text(summary_markdown(args.out, result))
+    print(f"wrote {args.out / 'result.json'} and {args.out / 'summary.md'}", flush=True)
 
 
 if __name__ == "__main__":

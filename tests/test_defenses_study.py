@@ -58,6 +58,11 @@ def test_defenses_study_on_tiny_models_runs_every_defense_and_resumes(tmp_path, 
     table = (tmp_path / "out" / "dirty" / "table.md").read_text()
     assert "safe_lora" in table and "sqsd_filter" in table and "[" in table
     assert (tmp_path / "out" / "dirty" / "pareto.png").stat().st_size > 1000
+    summary = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    assert len(summary) == 2 + 1 + len(study.DEFENSES)  # header, aligned, one row per defense
+    lisa = next(line for line in summary if "| lisa (rho = 1.0) |" in line)
+    cells = [c.strip() for c in lisa.split("|")[1:-1]]
+    assert cells[0] == "dirty" and cells[2].endswith("]") and (cells[3][0].isdigit() or cells[3].startswith("<"))
     capsys.readouterr()
     study.main(argv)  # everything cached: no training, no evaluation
     printed = capsys.readouterr().out

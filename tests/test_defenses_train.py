@@ -217,7 +217,9 @@ def test_schedule_hand_cases():
         ALIGNMENT, ALIGNMENT, FINETUNE, FINETUNE, ALIGNMENT, ALIGNMENT, FINETUNE]
     assert [proximal_active(s, 10, LisaConfig(proximal_off_fraction=0.5)) for s in range(10)] == [False] * 6 + [True] * 4
     assert not proximal_active(9, 10, LisaConfig(rho=0.0, proximal_off_fraction=0.0))
-    with pytest.raises(DefenseError, match="both 0"):
+    from safetrade.tradeoff import StrategyError
+
+    with pytest.raises(StrategyError, match="both 0"):
         LisaConfig(alignment_steps=0, finetune_steps=0)
 
 
@@ -426,12 +428,12 @@ def test_lisa_strategy_train_step_equals_lisa_train_on_a_tiny_llama():
     state = step_lib.init_state(params, tx, strategy)
     flags = []
     for k in range(steps):
-        state, metrics = fn(state, {"cap": lisa_batch(k, strategy.lisa_config(), align.__getitem__,
+        state, metrics = fn(state, {"cap": lisa_batch(k, strategy, align.__getitem__,
                                                       user.__getitem__)}, {})
         flags.append(float(metrics["lisa_alignment"]))
     assert flags == [1, 0, 0, 1, 0, 0]
     want = lisa_train(llama_loss_fn(cfg), params, tx.init(params), tx, iter(align), iter(user),
-                      strategy.lisa_config(), steps)
+                      strategy, steps)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), state.params, want.params)
     # ρ = 50 matters: without the proximal term the params differ
     plain = lisa_train(llama_loss_fn(cfg), params, tx.init(params), tx, iter(align), iter(user),
@@ -443,7 +445,7 @@ def test_lisa_strategy_config_errors_and_defaults():
     from safetrade.tradeoff import StrategyError, build, strategy_config
 
     lisa = strategy_config("lisa")
-    assert lisa.lisa_config() == LisaConfig()  # the same defaults as the library's config
+    assert lisa == LisaConfig()  # one config: the library loop's and the finetune strategy's
     with pytest.raises(StrategyError, match="total_steps is 0"):
         build(lisa)
     with pytest.raises(StrategyError, match="rho must be >= 0"):

@@ -34,7 +34,6 @@ update argument instead.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from safetrade.defenses.common import DefenseError
+from safetrade.tradeoff.registry import Lisa
 from safetrade.models import lora as lora_lib
 from safetrade.train.losses import lm_loss
 
@@ -67,33 +67,9 @@ ALIGNMENT = "alignment"
 FINETUNE = "finetune"
 
 
-@dataclasses.dataclass(frozen=True)
-class LisaConfig:
-    """Lisa's knobs; defaults from the official fine-tuning script (see the module doc)."""
-
-    rho: float = 1.0
-    """Weight of the proximal term ρ/2 ‖θ − θ_other‖² (official script 1; its argparse default 0.1)."""
-    alignment_steps: int = 100
-    """Steps per cycle in the alignment state (K1; official script 100)."""
-    finetune_steps: int = 900
-    """Steps per cycle in the fine-tune state (K2; official script 900)."""
-    proximal_off_fraction: float = 0.1
-    """The proximal term is off while step <= this fraction of the total steps (official code 0.1; 0 = always on)."""
-    skip_user_batches_on_alignment: bool = True
-    """Draw and discard a user batch on alignment steps, as the official Trainer does."""
-    alignment_set: str = "alignment"
-    """D_a as a `sets.rows_for` name: the project's built alignment set (the paper uses its alignment data)."""
-
-    def __post_init__(self):
-        if not self.rho >= 0:
-            raise DefenseError(f"LisaConfig.rho must be >= 0, got {self.rho}")
-        if self.alignment_steps < 0 or self.finetune_steps < 0:
-            raise DefenseError(f"LisaConfig.alignment_steps and finetune_steps must be >= 0, got "
-                               f"{self.alignment_steps}, {self.finetune_steps}")
-        if self.alignment_steps == 0 and self.finetune_steps == 0:
-            raise DefenseError("LisaConfig: alignment_steps and finetune_steps are both 0: no state to be in")
-        if not 0 <= self.proximal_off_fraction <= 1:
-            raise DefenseError(f"LisaConfig.proximal_off_fraction must be in [0, 1], got {self.proximal_off_fraction}")
+# One config for the library loop and the `safetrade finetune` strategy: its fields, defaults and checks are in
+# safetrade/tradeoff/registry.py (the core), where the strategy registry needs it without this module.
+LisaConfig = Lisa
 
 
 def lisa_schedule(step: int, cfg: LisaConfig) -> str:

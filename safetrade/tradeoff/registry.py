@@ -151,27 +151,38 @@ class Case2Penalty(StrategyConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Lisa(StrategyConfig):
-    """Lisa (Huang et al., 2024): alternate alignment-data and user-data steps, each with a proximal term ρ/2 ‖θ −
-    θ_other‖² towards the other state's checkpoint (safetrade/defenses/lisa.py has the rule and the defaults).
+    """Lisa (Huang et al., NeurIPS 2024): alternate alignment-data and user-data steps, each with a proximal term
+    ρ/2 ‖θ − θ_other‖² towards the other state's checkpoint. safetrade/defenses/lisa.py has the rule, the library
+    loop (`lisa_train`, which takes this config as `LisaConfig`) and the optax piece (`lisa_bistate`); defaults are
+    the official fine-tuning script's.
 
-    The job feeds the alignment set's batch on alignment steps (`lisa_schedule`); the anchor lives in the
-    optimiser state. Knobs mirror `safetrade.defenses.lisa.LisaConfig`, plus the run length the proximal switch-on
-    needs.
+    As a strategy, the job feeds the alignment set's batch on alignment steps (`lisa_schedule`) and the anchor lives
+    in the optimiser state.
     """
 
     name: str = "lisa"
     rho: float = 1.0
+    """Weight of the proximal term ρ/2 ‖θ − θ_other‖² (official script 1; its argparse default 0.1)."""
     alignment_steps: int = 100
+    """Steps per cycle in the alignment state (K1; official script 100)."""
     finetune_steps: int = 900
+    """Steps per cycle in the fine-tune state (K2; official script 900)."""
     proximal_off_fraction: float = 0.1
+    """The proximal term is off while step <= this fraction of the total steps (official code 0.1; 0 = always on)."""
     skip_user_batches_on_alignment: bool = True
+    """Draw and discard a user batch on alignment steps, as the official Trainer does."""
     alignment_set: str = "alignment"
-    total_steps: int = 0  # the run's steps, for proximal_off_fraction; 0: `safetrade finetune` fills in its `steps`
+    """D_a as a `sets.rows_for` name: the project's built alignment set (the paper uses its alignment data)."""
+    total_steps: int = 0
+    """The run's steps, behind proximal_off_fraction (`lisa_bistate`); 0: `safetrade finetune` fills in `steps`."""
 
-    def lisa_config(self):
-        from safetrade.defenses.lisa import LisaConfig  # the defenses package is not needed to load the registry
-
-        return LisaConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LisaConfig)})
+    def __post_init__(self):
+        super().__post_init__()  # also: every number >= 0
+        if self.alignment_steps == 0 and self.finetune_steps == 0:
+            raise StrategyError("strategy lisa: alignment_steps and finetune_steps are both 0: no state to be in")
+        if not self.proximal_off_fraction <= 1:
+            raise StrategyError(f"strategy lisa: proximal_off_fraction must be in [0, 1], got "
+                                f"{self.proximal_off_fraction}")
 
 
 def _capability_only(cap, proxy, opt_state):
@@ -243,7 +254,7 @@ def _lisa(cfg: Lisa, displacement) -> Pieces:
         count = opt_state[0].count  # the chain's first piece is this strategy's gradient piece
         return {"lisa_alignment": ((count % cycle) < cfg.alignment_steps).astype(jnp.float32)}
 
-    return Pieces(gradient=lisa_bistate(cfg.lisa_config(), cfg.total_steps), metrics=metrics)
+    return Pieces(gradient=lisa_bistate(cfg, cfg.total_steps), metrics=metrics)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,7 +190,7 @@ def run_train_job(job: config_lib.TrainJob) -> dict:
     def batches(k):
         batch = {"cap": cap_batches(k)}
         if alignment_batches is not None:
-            batch["cap"] = lisa_batch(k, strategy.lisa_config(), alignment_batches, cap_batches)
+            batch["cap"] = lisa_batch(k, strategy, alignment_batches, cap_batches)
         if proxy_batches is not None:
             batch["proxy"] = proxy_batches(k)
         return {name: parallel.host_local_batch_to_global(_host_rows(part), mesh) for name, part in batch.items()}
