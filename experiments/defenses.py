@@ -182,7 +182,7 @@ def evaluate(args, model: str, out: Path, system: str | None = None) -> dict:
                         n_benign=args.n_benign, gsm8k=args.gsm8k, gsm8k_max_new_tokens=args.gsm8k_tokens,
                         loss_sets=("gsm8k_eval",), loss_rows=args.loss_rows, judges=judges,
                         max_new_tokens=args.max_new_tokens, batch_size=16, max_len=256, system=system,
-                        seed=args.seed)
+                        margin=args.margin, seed=args.seed)
     if out.exists():
         try:
             record = json.loads(out.read_text())
@@ -223,8 +223,10 @@ def pareto_plot(scenario: str, rows: list[dict], aligned: dict, path: Path) -> N
     for k, row in enumerate([{"label": "aligned (no fine-tune)", **aligned}, *rows]):
         lo, hi = row["asr_keyword_ci"]
         y = 100 * row["asr_keyword"]
-        ax.errorbar(row["gsm8k_loss"], y, yerr=[[y - 100 * lo], [100 * hi - y]], fmt="o", capsize=3,
-                    color="k" if k == 0 else f"C{(k - 1) % 10}", mfc="none" if "-" in row["label"] else None)
+        # aligned: hollow black circle; SFT (no defense): black square; a second knob value: hollow
+        ax.errorbar(row["gsm8k_loss"], y, yerr=[[y - 100 * lo], [100 * hi - y]], fmt="s" if k == 1 else "o",
+                    capsize=3, color="k" if k <= 1 else f"C{(k - 2) % 10}",
+                    mfc="none" if k == 0 or (k > 1 and row["label"] not in DEFENSES) else None)
         ax.annotate(row["label"], (row["gsm8k_loss"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("held-out GSM8K answer loss (lower = more utility)")
     ax.set_ylabel("ASR, keyword judge [%] (95 % Wilson)")
@@ -368,6 +370,8 @@ def main(argv=None) -> None:
     p.add_argument("--gsm8k-tokens", type=int, default=256)
     p.add_argument("--loss-rows", type=int, default=40)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--margin", action=argparse.BooleanOptionalAction, default=False,
+                   help="also the refusal margin per harmful prompt (as long again as judging the replies)")
     p.add_argument("--guard", default=None, help="a guard judge spec, e.g. llama_guard:/models/Llama-Guard-3-1B")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
