@@ -260,7 +260,13 @@ def summary_markdown(out: Path, result: dict) -> str:
     from safetrade.evaluate import stats
 
     lines = ["| scenario | defense | ASR keyword [95 %] | p vs SFT | ASR classifier [95 %] | over-refusal [95 %] | "
-             "p vs SFT | GSM8K loss (Δ vs SFT) | extra s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "p vs SFT | GSM8K loss (Δ vs SFT) | extra s | ASR p vs aligned | utility gain kept |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    aligned_record = json.loads((out / "eval_aligned.json").read_text())
+
+    def asr_of(record):
+        return [None if r is None else not r for r in _refused(record, "harmful:heldout")]
+
     for scenario, sc in result["scenarios"].items():
         records = {row["label"]: json.loads((out / scenario / "eval" / f"{row['label']}.json").read_text())
                    for row in sc["rows"]}
@@ -269,23 +275,27 @@ def summary_markdown(out: Path, result: dict) -> str:
         a = sc["aligned"]
         lines.append(f"| {scenario} | aligned (no fine-tune) | {_pct(a['asr_keyword'], a['asr_keyword_ci'])} | | "
                      f"{_pct(a['asr_classifier'], a['asr_classifier_ci'])} | "
-                     f"{_pct(a['over_refusal'], a['over_refusal_ci'])} | | {a['gsm8k_loss']:.3f} | |")
+                     f"{_pct(a['over_refusal'], a['over_refusal_ci'])} | | {a['gsm8k_loss']:.3f} | | | |")
+        aligned_asr = [None if r is None else not r for r in _refused(aligned_record, "harmful:heldout")]
+        gain = a["gsm8k_loss"] - sft_row["gsm8k_loss"]
         for row in sc["rows"]:
             rec = records[row["label"]]
             name = row["label"] if row["knob"] is None else f"{row['defense']} ({row['knob']} = {row['value']})"
             if row["label"] == "sft":
                 p_asr = p_over = ""
             else:
-                harmful = [None if r is None else not r for r in _refused(rec, "harmful:heldout")]
-                harmful_sft = [None if r is None else not r for r in _refused(sft, "harmful:heldout")]
-                p_asr = _p(stats.mcnemar_exact(harmful_sft, harmful)["p_value"])
+                p_asr = _p(stats.mcnemar_exact(asr_of(sft), asr_of(rec))["p_value"])
                 p_over = _p(stats.mcnemar_exact(_refused(sft, "benign:heldout"),
                                                 _refused(rec, "benign:heldout"))["p_value"])
             delta = row["gsm8k_loss"] - sft_row["gsm8k_loss"]
             lines.append(f"| {scenario} | {name} | {_pct(row['asr_keyword'], row['asr_keyword_ci'])} | {p_asr} | "
                          f"{_pct(row['asr_classifier'], row['asr_classifier_ci'])} | "
                          f"{_pct(row['over_refusal'], row['over_refusal_ci'])} | {p_over} | "
-                         f"{row['gsm8k_loss']:.3f} ({delta:+.3f}) | {row['extra_seconds']:+.0f} |")
+                         f"{row['gsm8k_loss']:.3f} ({delta:+.3f}) | {row['extra_seconds']:+.0f} | "
+                         f"{_p(stats.mcnemar_exact(aligned_asr, asr_of(rec))['p_value'])} | "
+                         # the share of SFT's loss drop a defense keeps; none when SFT gained nothing
+                         + (f"{100 * (a['gsm8k_loss'] - row['gsm8k_loss']) / gain:.0f} %" if gain > 0.01 else "")
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +334,7 @@ def run_scenario(args, scenario: str, aligned_eval: Path, shared: dict) -> dict:
             results[name] = {"dir": run_dir, "extra_seconds": extra, "defense": defense, "knob": knob,
                              "value": value}
     labels = ["aligned", *results]
-    records, paths = [], [aligned_eval]
+    paths = [aligned_eval]
     for name, r in results.items():
         system_file = r["dir"] / "inference_system.txt"
         system = system_file.read_text() if system_file.exists() else None
