@@ -189,6 +189,69 @@ def case1_capability_bound(lam: float, proxy_loss_at_capability_optimum: float,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A posteriori: one finished run θ_r, measured along its own segment θ_s → θ_r
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentCertificate:
+    """Two-sided bounds on the change L(θ_r) − L(θ_s) of one loss, from its slope at θ_s and the directional
+    curvature along the segment; `upper` is the certificate of a safety gap, −`lower` of a capability gain."""
+
+    upper: float  # ⟨∇L(θ_s), Δ⟩ + ½ β_Δ ‖Δ‖²
+    lower: float  # ⟨∇L(θ_s), Δ⟩ + ½ α_Δ ‖Δ‖²
+    linear_term: float  # ⟨∇L(θ_s), Δ⟩
+    curvature_max: float  # β_Δ = max sampled uᵀ∇²L u
+    curvature_min: float  # α_Δ = min sampled uᵀ∇²L u
+    step_norm: float  # ‖Δ‖
+    quadrature: float  # ⟨∇L(θ_s), Δ⟩ + ‖Δ‖² ∫₀¹ (1 − t) c(t) dt, c piecewise linear through the samples: an estimate
+
+
+def segment_certificate(slope_at_start: float, curvatures: Sequence[float], step_norm: float,
+                        ts: Sequence[float] | None = None) -> SegmentCertificate:
+    """A-posteriori bounds on L(θ_r) − L(θ_s) for a finished run, Δ = θ_r − θ_s, u = Δ/‖Δ‖.
+
+    Statement (project's). Let L be C² on the segment S = {θ_s + tΔ : t ∈ [0, 1]} and let
+    α_Δ ≤ uᵀ∇²L(θ)u ≤ β_Δ for every θ ∈ S. Then
+        ⟨∇L(θ_s), Δ⟩ + ½ α_Δ ‖Δ‖²  ≤  L(θ_r) − L(θ_s)  ≤  ⟨∇L(θ_s), Δ⟩ + ½ β_Δ ‖Δ‖².
+    Proof. φ(t) = L(θ_s + tΔ) is C² on [0, 1] with φ'(0) = ⟨∇L(θ_s), Δ⟩ and φ''(t) = Δᵀ∇²L(θ_s + tΔ)Δ =
+    ‖Δ‖² uᵀ∇²L u. Taylor's formula with integral remainder gives φ(1) − φ(0) = φ'(0) + ∫₀¹ (1 − t) φ''(t) dt, and
+    ‖Δ‖²α_Δ ≤ φ''(t) ≤ ‖Δ‖²β_Δ with ∫₀¹ (1 − t) dt = ½ bounds the integral on both sides. ∎
+    Compared with the worst-case bounds (case2_smoothness_bound): the linear term is the actual inner product, not
+    ‖∇L(θ_s)‖·r (Cauchy–Schwarz is attained only when the run moves along the gradient), and the curvature is the
+    one direction the run took, not the top Hessian eigenvalue over a ball. Both are exact for the run, so the
+    certificate is tight when the curvature is nearly constant along the segment (exact for a quadratic).
+    For a safety gap G_s use `upper`; for a capability gain L_f(θ_s) − L_f(θ_r) = −(change of L_f) use
+    −lower ≥ gain ≥ −upper.
+    With α_Δ, β_Δ the min / max over *sampled* points (landscape.segment_profile) the statement's hypothesis is
+    not verified between samples: the sampled β_Δ is a lower estimate of the supremum, so `upper` can under-state
+    the true bound; a measured gap above it is reported as a finding (curvature peaked between samples, or
+    rounding), never dropped. `quadrature` integrates the piecewise-linear interpolant of the samples and is an
+    estimate of the change itself, not a bound. ts default: equally spaced on [0, 1] (landscape.segment_points).
+    """
+    c = np.asarray(curvatures, np.float64)
+    if c.size < 1:
+        raise ValueError("segment_certificate needs at least one sampled curvature")
+    t = np.linspace(0.0, 1.0, c.size) if ts is None else np.asarray(ts, np.float64)
+    if t.shape != c.shape:
+        raise ValueError(f"ts has {t.size} points but curvatures has {c.size}")
+    if c.size > 1 and (t[0] != 0.0 or t[-1] != 1.0 or np.any(np.diff(t) <= 0)):
+        raise ValueError(f"ts must increase from 0 to 1, got {t.tolist()}")
+    g, n2 = float(slope_at_start), float(step_norm) ** 2
+    beta, alpha = float(c.max()), float(c.min())
+    if c.size == 1:
+        integral = 0.5 * float(c[0])
+    else:
+        # ∫ (1 − t) c(t) dt for c linear on each [t_k, t_k+1]: exact per piece (Simpson is exact on cubics).
+        t0, t1, c0, c1 = t[:-1], t[1:], c[:-1], c[1:]
+        mid = 0.5 * (t0 + t1)
+        integral = float(np.sum((t1 - t0) / 6.0 * ((1 - t0) * c0 + 4 * (1 - mid) * 0.5 * (c0 + c1) + (1 - t1) * c1)))
+    return SegmentCertificate(upper=g + 0.5 * beta * n2, lower=g + 0.5 * alpha * n2, linear_term=g,
+                              curvature_max=beta, curvature_min=alpha, step_norm=float(step_norm),
+                              quadrature=g + n2 * integral)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Distribution space (our reconstruction, assumption A0)
 # ---------------------------------------------------------------------------------------------------------------
 

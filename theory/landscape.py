@@ -464,3 +464,83 @@ def smoothness_along(loss_fn: LossFn, points: Sequence[PyTree], iters: int = 100
             residuals.append(jnp.asarray(jnp.nan, ritz.dtype))
     values, residuals = jnp.stack(values), jnp.stack(residuals)
     return SmoothnessEstimate(values, residuals, jnp.max(jnp.abs(values)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Along the segment of a finished run: the ingredients of the a-posteriori certificate
+# ---------------------------------------------------------------------------------------------------------------
+
+SEGMENT_METHODS = ("jvp_of_grad", "forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentProfile:
+    """φ(t) = L(θ_0 + tΔ) and its first two derivatives at sampled t ∈ [0, 1], Δ = θ_1 − θ_0.
+
+    curvatures[k] = uᵀ∇²L(θ_0 + t_k Δ)u with u = Δ/‖Δ‖, the directional curvature (φ''(t) = ‖Δ‖²·curvature).
+    `gap` = φ(1) − φ(0) is the measured change of the loss when t = 1 is sampled.
+    """
+
+    ts: tuple[float, ...]
+    values: tuple[float, ...]  # φ(t_k)
+    slopes: tuple[float, ...]  # φ'(t_k) = ⟨∇L(θ_t), Δ⟩
+    curvatures: tuple[float, ...]  # uᵀ∇²L(θ_t)u
+    step_norm: float  # ‖Δ‖
+    method: str
+
+    @property
+    def gap(self) -> float:
+        if self.ts[0] != 0.0 or self.ts[-1] != 1.0:
+            raise ValueError("gap needs t = 0 and t = 1 among the sampled points")
+        return self.values[-1] - self.values[0]
+
+
+def segment_points(num_points: int) -> tuple[float, ...]:
+    """The sampling rule: num_points equally spaced t ∈ [0, 1], both ends included (t = 0 gives the gradient at θ_0
+    that the certificate's linear term needs; t = 1 gives the measured gap)."""
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2 (t = 0 and t = 1), got {num_points}")
+    return tuple(k / (num_points - 1) for k in range(num_points))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("method",))
+def _segment_point(loss_fn, start, delta, t, *, method):
+    norm = tree_norm(delta)
+    unit = tree_scale(1.0 / jnp.maximum(norm, 1e-30), delta)
+    # θ_t in the accumulation dtype, then cast: for bf16 params t·Δ would otherwise lose Δ's low digits.
+    point = jax.tree.map(lambda s, d: (s.astype(d.dtype) + t * d).astype(s.dtype), start, delta)
+    tangent = jax.tree.map(lambda p, u: u.astype(p.dtype), point, unit)
+    if method == "jvp_of_grad":
+        # Forward-over-reverse, as landscape.hvp: value, gradient and H·u in one pass.
+        (value, grad), (_, hu) = jax.jvp(jax.value_and_grad(loss_fn), (point,), (tangent,))
+        slope, curvature = tree_vdot(grad, unit), tree_vdot(unit, hu)
+    else:
+        # Forward-over-forward on the scalar restriction: the second directional derivative without a backward
+        # pass (no activations stored), since only uᵀHu is needed, never H·u itself.
+        def along(p):
+            return jax.jvp(loss_fn, (p,), (tangent,))
+
+        (value, slope), (_, curvature) = jax.jvp(along, (point,), (tangent,))
+    dtype = accumulation_dtype(jnp.result_type(value))
+    return value.astype(dtype), (slope * norm).astype(dtype), curvature.astype(dtype), norm
+
+
+def segment_profile(loss_fn: LossFn, start: PyTree, end: PyTree, num_points: int = 5,
+                    method: str = "jvp_of_grad") -> SegmentProfile:
+    """φ, φ' and the directional curvature uᵀ∇²L u at `num_points` equally spaced points of the segment start → end.
+
+    Cost per point: method='jvp_of_grad' is one forward-over-reverse pass (jvp of value_and_grad: the cost of an
+    HVP, ~2-3 gradients); method='forward' is forward-over-forward on L(θ + s·u), which never runs a backward pass.
+    Both give the same numbers up to rounding (tested). bench/theory.py measures both against a gradient.
+    One-sidedness: the curvature is *sampled*, so max(curvatures) is a lower estimate of sup_t uᵀ∇²L u on the
+    segment, and a certificate built from it (bounds.segment_certificate) is an estimate that can fall below the
+    true gap when the curvature peaks between samples.
+    """
+    if method not in SEGMENT_METHODS:
+        raise ValueError(f"method must be one of {SEGMENT_METHODS}, got {method!r}")
+    delta = tree_sub(end, start)
+    t_dtype = jax.tree.leaves(delta)[0].dtype  # float64 under x64: a float32 t = 1/3 would cost θ_t 8 digits
+    out = [_segment_point(loss_fn, start, delta, jnp.asarray(t, t_dtype), method=method)
+           for t in segment_points(num_points)]
+    values, slopes, curvatures, norms = (tuple(float(x[i]) for x in out) for i in range(4))
+    return SegmentProfile(segment_points(num_points), values, slopes, curvatures, norms[0], method)
