@@ -85,7 +85,8 @@ def tiny_runs(tmp_path_factory, smollm2_gguf):
 
 
 def common(root):
-    return [f"aligned={root / 'align' / 'hf'}", "n_rows=3", "max_len=128", "samples=1", "lanczos_steps=2"]
+    return [f"aligned={root / 'align' / 'hf'}", "n_rows=3", "max_len=128", "samples=1", "lanczos_steps=2",
+            "segment_points=3"]
 
 
 @pytest.mark.slow
@@ -110,11 +111,25 @@ def test_theory_command_end_to_end_on_tiny_runs(tiny_runs, tmp_path, capsys):
     kinds = {(c["run"], c["bound_name"]) for c in result["checks"]}
     assert {("lam1", "penalty"), ("lam4", "penalty"), ("r", "lipschitz"), ("r", "smoothness"),
             ("r", "capability_gain")} <= kinds
+    # a-posteriori certificate on every Case I and II run: its profile's ends are the measured losses
+    assert {(n, k) for n in ("lam1", "lam4", "r") for k in ("certificate", "certificate_gain")} <= kinds
+    for r in result["runs"]:
+        seg_s, seg_f = r["segment_s"], r["segment_f"]
+        assert seg_s["ts"] == [0.0, 0.5, 1.0] and seg_s["step_norm"] == pytest.approx(r["distance"], rel=1e-5)
+        assert seg_s["values"][-1] - seg_s["values"][0] == pytest.approx(r["safety_gap"], rel=1e-4, abs=1e-6)
+        assert seg_f["values"][0] - seg_f["values"][-1] == pytest.approx(r["capability_gain"], rel=1e-4, abs=1e-6)
+        assert r["certificate_s"] == seg_s["upper"] and r["certificate_gain"] == -seg_f["lower"]
+        assert r["certificate_gain_lower"] <= r["certificate_gain"]
+    ratios = {(x["run"], x["quantity"]): x for x in result["ratios"]}
+    assert ratios[("r", "safety")]["worst_case_name"] in ("lipschitz", "smoothness")
+    assert ratios[("lam1", "safety")]["worst_case_name"] == "penalty"
+    assert ratios[("r", "safety")]["certificate"] == by_name["r"]["certificate_s"]
     assert result["violations"] == sum(c["violated"] for c in result["checks"])
     assert result["trends"]["per_proxy"]["proxy"]["lams"] == [1.0, 4.0]
     report = (out / "bounds.md").read_text()
     assert "Case I trends" in report and "safety gap non-increasing in λ" in report and "lower estimate" in report
-    for png in ("bounds.png", "case1_trends.png"):
+    assert "How informative: bound / measured" in report
+    for png in ("bounds.png", "case1_trends.png", "certificates.png"):
         assert (out / png).stat().st_size > 1000
     assert config.load(config.TrainJob, root / "lam1" / "config.yaml").strategy.lam == 1.0
     assert (out / "config.yaml").exists()  # the resolved TheoryJob, beside its results
@@ -144,3 +159,7 @@ def test_theory_command_names_the_bad_input(tiny_runs, tmp_path, capsys):
     assert "num_layers 3 vs 2" in capsys.readouterr().err
     assert cli.main(["theory", "n_rows=0", "--print-config"]) == 2
     assert "n_rows must be >= 1" in capsys.readouterr().err
+    assert cli.main(["theory", "segment_points=1", "--print-config"]) == 2
+    assert "segment_points must be 0 (no certificate) or >= 2" in capsys.readouterr().err
+    assert cli.main(["theory", "segment_method=adjoint", "--print-config"]) == 2
+    assert "segment_method must be one of" in capsys.readouterr().err

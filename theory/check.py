@@ -13,6 +13,10 @@ Input: a list of plain dicts, one per run (from a real-model experiment, or from
             seen), similarity (δ, e.g. bounds.similarity_term at θ_s and θ)
                                → the penalty bound excess/λ + 2δ                (bounds.case1_penalty_bound)
             capability_loss (optional, L_f(θ)): used by case1_trends only
+  either    certificate_s (the a-posteriori bound on G_s, bounds.segment_certificate's `upper` for L_s)
+                               → "certificate": G_s ≤ ⟨∇L_s(θ_s), Δ⟩ + ½ β_Δ ‖Δ‖²
+            certificate_gain (−`lower` of L_f's certificate), capability_gain
+                               → "certificate_gain": gain ≤ −⟨∇L_f(θ_s), Δ⟩ − ½ α_Δ ‖Δ‖²
   optional  group (str): the series a run belongs to, e.g. the proxy set of a Case I run; the plot draws one line
             per group and case1_trends compares groups
 
@@ -35,7 +39,7 @@ from theory import bounds
 class BoundCheck:
     run: str
     strategy: str
-    bound_name: str  # "lipschitz", "smoothness", "capability_gain", "penalty"
+    bound_name: str  # "lipschitz", "smoothness", "capability_gain", "penalty", "certificate", "certificate_gain"
     x: float  # the dial: distance r (case2) or λ (case1)
     measured: float
     bound: float
@@ -80,6 +84,10 @@ def check_runs(runs: Sequence[Mapping], tolerance: float = 0.0) -> list[BoundChe
                                                       run["similarity"]).bound)]
         else:
             raise ValueError(f"run {name!r}: strategy must be 'case1' or 'case2', got {strategy!r}")
+        if "certificate_s" in run:
+            candidates.append(("certificate", run["safety_gap"], run["certificate_s"]))
+        if "certificate_gain" in run and "capability_gain" in run:
+            candidates.append(("certificate_gain", run["capability_gain"], run["certificate_gain"]))
         for bound_name, measured, bound in candidates:
             measured, bound = float(measured), float(bound)
             checks.append(BoundCheck(name, strategy, bound_name, x, measured, bound,
@@ -109,10 +117,11 @@ def plot(checks: Sequence[BoundCheck], path) -> None:
     matplotlib.use("Agg")  # no display; safe inside the training process as well
     import matplotlib.pyplot as plt
 
-    kinds = list(dict.fromkeys(c.bound_name for c in checks))
-    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(4.2 * max(1, len(kinds)), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        of_kind = [c for c in checks if c.bound_name == kind]
+    # One panel per (strategy, bound): the certificate applies to both strategies, whose dials differ (λ vs r).
+    panels = list(dict.fromkeys((c.strategy, c.bound_name) for c in checks))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.6), squeeze=False)
+    for ax, (strategy, kind) in zip(axes[0], panels):
+        of_kind = [c for c in checks if c.bound_name == kind and c.strategy == strategy]
         for g, group in enumerate(dict.fromkeys(c.group for c in of_kind)):
             rows = sorted((c for c in of_kind if c.group == group), key=lambda c: c.x)
             xs = [c.x for c in rows]
@@ -124,11 +133,10 @@ def plot(checks: Sequence[BoundCheck], path) -> None:
                 if c.violated:
                     ax.annotate("VIOLATED", (c.x, c.measured), fontsize=7, color="tab:red",
                                 xytext=(3, 3), textcoords="offset points")
-        strategy = of_kind[0].strategy
         ax.set_xlabel("λ" if strategy == "case1" else "‖θ − θ_s‖")
         if strategy == "case1" and all(c.x > 0 for c in of_kind):
             ax.set_xscale("log")
-        ax.set_ylabel("capability gain" if kind == "capability_gain" else "safety gap G_s")
+        ax.set_ylabel("capability gain" if kind in ("capability_gain", "certificate_gain") else "safety gap G_s")
         ax.set_title(f"{strategy}: {kind} ({sum(c.violated for c in of_kind)} violated)")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -146,6 +154,110 @@ def summary(checks: Sequence[BoundCheck]) -> dict:
                      "worst_run": worst.run, "worst_slack": worst.slack,
                      "worst_ratio": worst.measured / worst.bound if worst.bound else math.inf}
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How informative: bound / measured, worst-case bounds against the a-posteriori certificate
+# ---------------------------------------------------------------------------------------------------------------
+
+WORST_CASE = {"safety": ("lipschitz", "smoothness", "penalty"), "gain": ("capability_gain",)}
+CERTIFICATE = {"safety": "certificate", "gain": "certificate_gain"}
+INFORMATIVE_RATIO = 10.0  # the goal for a certificate: within 10× of the measured gap
+
+
+def ratio(bound: float, measured: float) -> float | None:
+    """bound / measured, or None where the measured quantity is ≤ 0 (a ratio would not say how tight it is)."""
+    return bound / measured if measured > 0 else None
+
+
+def ratio_rows(checks: Sequence[BoundCheck]) -> list[dict]:
+    """Per run and quantity (safety gap, capability gain): the measured value, the tightest worst-case bound,
+    the certificate, and each one's bound / measured ratio."""
+    rows = []
+    for run in dict.fromkeys(c.run for c in checks):
+        of_run = [c for c in checks if c.run == run]
+        for quantity in ("safety", "gain"):
+            worst = [c for c in of_run if c.bound_name in WORST_CASE[quantity]]
+            cert = [c for c in of_run if c.bound_name == CERTIFICATE[quantity]]
+            if not worst and not cert:
+                continue
+            first = (worst or cert)[0]
+            tightest = min(worst, key=lambda c: c.bound) if worst else None
+            row = {"run": run, "strategy": first.strategy, "x": first.x, "group": first.group,
+                   "quantity": quantity, "measured": first.measured,
+                   "worst_case_bound": tightest.bound if tightest else None,
+                   "worst_case_name": tightest.bound_name if tightest else None,
+                   "certificate": cert[0].bound if cert else None,
+                   "certificate_violated": cert[0].violated if cert else None}
+            row["worst_case_ratio"] = ratio(row["worst_case_bound"], row["measured"]) if tightest else None
+            row["certificate_ratio"] = ratio(row["certificate"], row["measured"]) if cert else None
+            rows.append(row)
+    return rows
+
+
+def _fmt_ratio(value) -> str:
+    return "n/a (measured ≤ 0)" if value is None else f"{value:.3g}×"
+
+
+def format_ratio_table(rows: Sequence[Mapping]) -> str:
+    lines = ["| run | strategy | r or λ | quantity | measured | worst-case bound | ratio | certificate | ratio | "
+             f"certificate ≤ {INFORMATIVE_RATIO:g}× |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        worst = (f"{r['worst_case_bound']:.4g} ({r['worst_case_name']})" if r["worst_case_bound"] is not None
+                 else "—")
+        if r["certificate"] is None:
+            cert, cert_ratio, goal = "—", "—", "—"
+        else:
+            cert, cert_ratio = f"{r['certificate']:.4g}", _fmt_ratio(r["certificate_ratio"])
+            goal = ("**VIOLATED**" if r["certificate_violated"] else
+                    "n/a" if r["certificate_ratio"] is None else
+                    "yes" if r["certificate_ratio"] <= INFORMATIVE_RATIO else "**no**")
+        lines.append(f"| {r['run']} | {r['strategy']} | {r['x']:.4g} | {'G_s' if r['quantity'] == 'safety' else 'gain'}"
+                     f" | {r['measured']:.4g} | {worst} | "
+                     f"{_fmt_ratio(r['worst_case_ratio']) if r['worst_case_bound'] is not None else '—'} | "
+                     f"{cert} | {cert_ratio} | {goal} |")
+    return "\n".join(lines)
+
+
+def plot_certificates(rows: Sequence[Mapping], path) -> None:
+    """PNG: per strategy, the tightest worst-case bound, the certificate and the measured safety gap against the
+    dial (r for Case II, λ for Case I); symmetric-log y, since gaps can be ≤ 0 and bounds span decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    safety = [r for r in rows if r["quantity"] == "safety"]
+    strategies = list(dict.fromkeys(r["strategy"] for r in safety))
+    fig, axes = plt.subplots(1, max(1, len(strategies)), figsize=(4.8 * max(1, len(strategies)), 3.8),
+                             squeeze=False)
+    for ax, strategy in zip(axes[0], strategies):
+        of = [r for r in safety if r["strategy"] == strategy]
+        for g, group in enumerate(dict.fromkeys(r["group"] for r in of)):
+            pts = sorted((r for r in of if r["group"] == group), key=lambda r: r["x"])
+            xs = [r["x"] for r in pts]
+            suffix = f" ({group})" if group else ""
+            if all(r["worst_case_bound"] is not None for r in pts):
+                ax.plot(xs, [r["worst_case_bound"] for r in pts], "x--", color=f"C{g}", label="worst-case" + suffix)
+            if all(r["certificate"] is not None for r in pts):
+                ax.plot(xs, [r["certificate"] for r in pts], "s-", color=f"C{g}", alpha=0.6,
+                        label="certificate" + suffix)
+            ax.scatter(xs, [r["measured"] for r in pts], color="black" if g == 0 else f"C{g}", marker="os^vD"[g % 5],
+                       zorder=3, label="measured" + suffix)
+            for r in pts:
+                if r["certificate_violated"]:
+                    ax.annotate("VIOLATED", (r["x"], r["measured"]), fontsize=7, color="tab:red",
+                                xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        if strategy == "case1" and all(r["x"] > 0 for r in of):
+            ax.set_xscale("log")
+        ax.set_xlabel("λ" if strategy == "case1" else "‖θ − θ_s‖")
+        ax.set_ylabel("safety gap G_s")
+        ax.set_title(f"{strategy}: worst-case bound, certificate, measured")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

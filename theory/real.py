@@ -30,12 +30,18 @@ Case I runs (case1_penalty with λ = strategy.lam):
     batches and reported per run (`objective_decreased`), since a failure there voids the check's hypothesis.
   Trends (check.case1_trends): G_s vs λ per proxy (non-increasing?), L_f vs λ (non-decreasing?), and whether the
   closer proxy (smaller δ) has the smaller G_s at equal λ.
+Every Case I and Case II run, the a-posteriori certificate (`segment_points` > 0; bounds.segment_certificate):
+  G_s ≤ ⟨∇L_s(θ_s), Δ⟩ + ½ β_Δ‖Δ‖² and gain ≤ −⟨∇L_f(θ_s), Δ⟩ − ½ α_Δ‖Δ‖², Δ = θ − θ_s, with β_Δ / α_Δ the
+  max / min directional curvature uᵀ∇²L u at `segment_points` equally spaced points of θ_s → θ
+  (landscape.segment_profile; one jvp-of-grad per point and loss). bounds.md tables bound / measured for the
+  worst-case bounds and the certificate (goal ≤ 10×); certificates.png draws both against r and λ.
 All constants are maxima over sampled points, i.e. lower estimates of the true suprema: a bound built from them is
 evidence, not a certificate. Violations are counted, tabled and drawn in red, never dropped.
 
 Writes to out_dir: result.json (the job, the aligned model's losses, every run's measurements, checks, summary,
-trends, notes), bounds.md (tables + notes), bounds.png (bound vs measured per setting) and, with Case I runs,
-case1_trends.png (G_s and L_f against λ per proxy).
+ratios, trends, notes), bounds.md (tables + notes), bounds.png (bound vs measured per setting), certificates.png
+(worst-case bound, certificate and measured G_s against r / λ) and, with Case I runs, case1_trends.png (G_s and
+L_f against λ per proxy).
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class TheoryJob:
     samples: int = 4  # random points in each ball for the Lipschitz estimates (Case II)
     lanczos_steps: int = 8  # Lanczos steps per smoothness estimate (Case II)
     seed: int = 0  # seed of the ball samples and Lanczos start vectors
+    segment_points: int = 5  # points on θ_s → θ for the a-posteriori certificate (0 = no certificate)
+    segment_method: str = "jvp_of_grad"  # directional curvature by "jvp_of_grad" or "forward" (forward-over-forward)
     tolerance: float = 0.0  # relative slack before a measured gap counts as a violation (0 = exact comparison)
 
     def __post_init__(self):
@@ -85,6 +93,11 @@ class TheoryJob:
         for name in ("samples", "tolerance"):
             if getattr(self, name) < 0:
                 raise SafetradeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.segment_points == 1 or self.segment_points < 0:
+            raise SafetradeError(f"segment_points must be 0 (no certificate) or >= 2, got {self.segment_points}")
+        if self.segment_method not in landscape.SEGMENT_METHODS:
+            raise SafetradeError(f"segment_method must be one of {landscape.SEGMENT_METHODS}, "
+                                 f"got {self.segment_method!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,11 +259,31 @@ def measure_runs(job: TheoryJob, cfg, aligned, tokenizer, specs: list[RunSpec]) 
                           lipschitz_f_sampled=[float(x) for x in lip_f.sampled],
                           sampling_rule=f"max ‖∇L‖ over θ_s, {job.samples} points uniform in B(θ_s, r) "
                                         "(landscape.sample_in_ball) and θ itself")
+        if spec.case is not None and job.segment_points:
+            record.update(certificate_terms(job, loss_s, losses.loss_fn(data.train, data), aligned, params))
         record["seconds"] = time.perf_counter() - started
         log.info("%s", json.dumps(record))
         records.append(record)
         del params
     return base, records
+
+
+def certificate_terms(job: TheoryJob, loss_s, loss_f, aligned, params) -> dict:
+    """The a-posteriori certificate of one run (bounds.segment_certificate) for G_s and for the capability gain,
+    from `segment_points` equally spaced points of θ_s → θ (landscape.segment_profile)."""
+
+    out = {"segment_rule": f"{job.segment_points} equally spaced t in [0, 1] (ends included), {job.segment_method}"}
+    for name, loss in (("s", loss_s), ("f", loss_f)):
+        profile = landscape.segment_profile(loss, aligned, params, job.segment_points, job.segment_method)
+        cert = bounds.segment_certificate(profile.slopes[0], profile.curvatures, profile.step_norm, profile.ts)
+        out[f"segment_{name}"] = {"ts": list(profile.ts), "values": list(profile.values),
+                                  "slopes": list(profile.slopes), "curvatures": list(profile.curvatures),
+                                  **dataclasses.asdict(cert)}
+    # G_s ≤ upper of L_s; gain = −(change of L_f) ≤ −lower of L_f (and ≥ −upper)
+    out["certificate_s"] = out["segment_s"]["upper"]
+    out["certificate_gain"] = -out["segment_f"]["lower"]
+    out["certificate_gain_lower"] = -out["segment_f"]["upper"]
+    return out
 
 
 def add_case1_terms(base: dict, records: list[dict]) -> dict:
@@ -294,6 +327,9 @@ NOTES = [
     "Case I: δ = max |L_s − L_proxy| over θ_s and every run with that proxy (bounds.similarity_term).",
     "Case I: the bound assumes F(θ_λ) ≤ F(θ_s) with F = L_f + λ·L_proxy; runs where the held-out F rose are "
     "marked (objective_decreased = false).",
+    "Certificate: β_Δ and α_Δ are the max and min of the directional curvature at the sampled points of θ_s → θ, "
+    "a lower (upper) estimate of the true sup (inf) on the segment; a measured gap above the certificate means the "
+    "curvature peaked between samples (or rounding), and is a finding.",
     "A violation means a wrong estimate or a failed assumption; it is reported, never dropped.",
 ]
 
@@ -352,6 +388,12 @@ def write_report(job: TheoryJob, base: dict, records: list[dict], case1_terms: d
     checks = check.check_runs(checked, tolerance=job.tolerance)
     trends = check.case1_trends(checked) if any(r["strategy"] == "case1" for r in checked) else None
     sections = ["# Bounds vs measured gaps", "", check.format_table(checks) if checks else "no Case I or II runs.", ""]
+    ratios = check.ratio_rows(checks)
+    if any(r["certificate"] is not None for r in ratios):
+        sections += ["## How informative: bound / measured", "",
+                     "Worst-case bound: the tightest of the a-priori bounds above; certificate: the a-posteriori "
+                     "bound along the run's own segment (theory/README.md). A ratio needs a measured value > 0.", "",
+                     check.format_ratio_table(ratios), ""]
     if any(r["strategy"] == "case2" for r in records):
         sections += ["## Case II constants", "", _case2_table(records), ""]
     if trends is not None:
@@ -366,9 +408,11 @@ def write_report(job: TheoryJob, base: dict, records: list[dict], case1_terms: d
         check.plot(checks, out_dir / "bounds.png")
     if trends is not None:
         plot_case1_trends(records, out_dir / "case1_trends.png")
+    if any(r["certificate"] is not None for r in ratios):
+        check.plot_certificates(ratios, out_dir / "certificates.png")
     result = {"job": config.to_dict(job), "aligned": base, "runs": records,
               "checks": [{"name": f"{c.run}: {c.bound_name}", **dataclasses.asdict(c)} for c in checks], "summary": check.summary(checks),
-              "violations": sum(c.violated for c in checks), "case1": case1_terms, "trends": trends, "notes": NOTES}
+              "violations": sum(c.violated for c in checks), "ratios": ratios, "case1": case1_terms, "trends": trends, "notes": NOTES}
     (out_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
