@@ -14,8 +14,10 @@ safetrade.train.losses.lm_loss, fp32:
   power step  one iteration of the power method: v ← H v / ‖H v‖ (landscape.normalized of landscape.hvp), jitted
   power loop  landscape.top_eigenvalues(k=1, iters=N): wall time / (N + 1) HVPs, the per-iteration cost inside the
               compiled loop (first call compiles; the timed calls reuse it)
+  segment pt  one point of the a-posteriori certificate (theory.landscape.segment_profile): L, φ' and uᵀ∇²L u at
+              θ + tΔ, by jvp of value_and_grad ("jvp_of_grad") and by forward-over-forward ("forward")
 Each figure is the median of --repeats calls after one untimed call (its time is reported as compile + first run).
-Goal (issue 7): power iteration per iteration ≤ 3× a gradient evaluation. Forward-over-reverse needs about one
+Goal (issue 7): power iteration per iteration ≤ 3× a gradient evaluation; (issue 18) a certificate point ≤ 3×. Forward-over-reverse needs about one
 forward and one backward pass with tangents carried alongside, so ~2-3× a gradient is the expected range.
 """
 
@@ -99,6 +101,16 @@ def bench(args) -> dict:
     print(f"power loop  {args.power_iters} iterations: median {median:.2f} s = "
           f"{out['power_loop_per_iter_s'] * 1e3:.1f} ms per HVP (first call {first:.1f} s)", flush=True)
 
+    # One point of the a-posteriori certificate's segment (value, slope, directional curvature), both methods.
+    end = jax.tree.map(lambda p, d: p + 1e-3 * d.astype(p.dtype), params, v)
+    delta = landscape.tree_sub(end, params)
+    for method in landscape.SEGMENT_METHODS:
+        point = jax.jit(lambda p, d, t, m=method: landscape._segment_point(loss, p, d, t, method=m))
+        first, median = timed(point, params, delta, np.float32(0.5), repeats=args.repeats)
+        out[f"segment_{method}_first_s"], out[f"segment_{method}_s"] = first, median
+        out[f"ratio_segment_{method}_over_grad"] = median / out["grad_s"]
+        print(f"segment pt  {method:<11} median {median * 1e3:9.1f} ms   first call {first:6.1f} s", flush=True)
+
     out["ratio_hvp_over_grad"] = out["hvp_s"] / out["grad_s"]
     out["ratio_power_step_over_grad"] = out["power_step_s"] / out["grad_s"]
     out["ratio_power_loop_over_grad"] = out["power_loop_per_iter_s"] / out["grad_s"]
@@ -125,9 +137,11 @@ def main(argv=None) -> int:
           f"batch {result['batch']} x {result['seq']} tokens, fp32, {jax.default_backend()}")
     for key, label in (("ratio_hvp_over_grad", "HVP / grad"),
                        ("ratio_power_step_over_grad", "power step / grad"),
-                       ("ratio_power_loop_over_grad", "power loop per iteration / grad")):
+                       ("ratio_power_loop_over_grad", "power loop per iteration / grad"),
+                       ("ratio_segment_jvp_of_grad_over_grad", "certificate point (jvp of grad) / grad"),
+                       ("ratio_segment_forward_over_grad", "certificate point (forward) / grad")):
         verdict = "meets" if result[key] <= GOAL_RATIO else "MISSES"
-        print(f"{label:<34} {result[key]:5.2f}x   ({verdict} the goal <= {GOAL_RATIO:g}x)")
+        print(f"{label:<40} {result[key]:5.2f}x   ({verdict} the goal <= {GOAL_RATIO:g}x)")
     if args.json:
         Path(args.json).write_text(json.dumps({"run_info": info, **result}, indent=1, default=str) + "\n")
     return 0
