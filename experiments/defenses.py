@@ -25,7 +25,8 @@ an exact McNemar test against SFT on the same prompts. "extra s" is a defense's 
 
 Everything is cached in OUT: a finished run (hf/ present), a finished evaluation (same config) and the scenario
 data are reused, so a killed study is re-run with the same command and a new --defenses / --alt only adds runs.
-Writes OUT/result.json, OUT/<scenario>/table.md and OUT/<scenario>/pareto.png.
+Writes OUT/result.json, OUT/summary.md, OUT/<scenario>/table.md and OUT/<scenario>/pareto.png. A study split by
+--scenarios over several invocations with otherwise the same flags accumulates in one result.json and summary.md.
 """
 
 from __future__ import annotations
@@ -355,6 +356,23 @@ def run_scenario(args, scenario: str, aligned_eval: Path, shared: dict) -> dict:
             "sft_seconds": sft_seconds, "rows": rows, "aligned": aligned, "table": str(out / "table.md")}
 
 
+def earlier_scenarios(path: Path, args) -> dict:
+    """Scenarios an earlier invocation wrote to the same OUT with the same settings (all but --scenarios), so a study
+    split over several runs (`--scenarios harmful`, then `--scenarios benign dirty`) ends with one result.json and
+    one summary.md over all of them. Scenarios named now are re-run (from the cache) and replace the earlier ones."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    now = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    differ = sorted(k for k in set(now) | set(earlier["args"])
+                    if k != "scenarios" and now.get(k) != earlier["args"].get(k))
+    kept = {k: v for k, v in earlier["scenarios"].items() if k not in args.scenarios}
+    if differ and kept:
+        print(f"{path}: dropping earlier scenarios {sorted(kept)}: settings differ ({', '.join(differ)})", flush=True)
+        return {}
+    return kept
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--aligned", required=True, help="the aligned model (HF dir)")
@@ -399,7 +417,8 @@ def main(argv=None) -> None:
         finetune(argparse.Namespace(**{**vars(args), "steps": args.safety_steps}), shared["safety"], refusals)
     aligned_eval = args.out / "eval_aligned.json"
     evaluate(args, args.aligned, aligned_eval)
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "scenarios": {}}
+    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "scenarios": earlier_scenarios(args.out / "result.json", args)}
     for scenario in args.scenarios:
         result["scenarios"][scenario] = run_scenario(args, scenario, aligned_eval, shared)
         (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -67,3 +67,19 @@ def test_defenses_study_on_tiny_models_runs_every_defense_and_resumes(tmp_path, 
     study.main(argv)  # everything cached: no training, no evaluation
     printed = capsys.readouterr().out
     assert "training" not in printed and "evaluating" not in printed
+
+
+def test_a_study_split_by_scenarios_accumulates_only_with_the_same_settings(tmp_path, capsys):
+    import argparse
+
+    study = _study()
+    args = argparse.Namespace(aligned="runs/align/hf", out=tmp_path, scenarios=["dirty"], steps=20, alt=True)
+    earlier = {"args": {**vars(args), "out": str(tmp_path), "scenarios": ["harmful", "dirty"]},
+               "scenarios": {"harmful": {"rows": ["h"]}, "dirty": {"rows": ["old"]}}}
+    path = tmp_path / "result.json"
+    assert study.earlier_scenarios(path, args) == {}  # no earlier result
+    path.write_text(json.dumps(earlier))
+    assert study.earlier_scenarios(path, args) == {"harmful": {"rows": ["h"]}}  # dirty is re-run now
+    changed = argparse.Namespace(**{**vars(args), "steps": 40})
+    assert study.earlier_scenarios(path, changed) == {}
+    assert "dropping earlier scenarios ['harmful']: settings differ (steps)" in capsys.readouterr().out
