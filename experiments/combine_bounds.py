@@ -4,7 +4,8 @@
 
 For checks run one fine-tune per process (the Case II check of a 135M model holds ~20 GB per run on CPU, so a
 2-core/24 GB machine checks one radius at a time). Writes OUT_DIR/bounds.md and OUT_DIR/bounds.png with
-theory.check's table and plot over every run's record; the records themselves are not re-measured.
+theory.check's table and plot over every run's record (and, where the records carry the a-posteriori certificate,
+the bound / measured table and OUT_DIR/certificates.png); the records themselves are not re-measured.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ def main(argv=None) -> None:
             raise SystemExit(f"{path}: not found (a `safetrade theory` out_dir is expected)")
         records += json.loads(path.read_text())["runs"]
     checks = check.check_runs(records)
-    (out / "bounds.md").write_text(check.format_table(checks) + "\n")
+    ratios = check.ratio_rows(checks)
+    text = check.format_table(checks) + "\n"
+    if any(r["certificate"] is not None for r in ratios):
+        text += "\n## How informative: bound / measured\n\n" + check.format_ratio_table(ratios) + "\n"
+        check.plot_certificates(ratios, out / "certificates.png")
+    (out / "bounds.md").write_text(text)
     check.plot(checks, out / "bounds.png")
-    print(check.format_table(checks))
+    print(text)
 
 
 if __name__ == "__main__":
