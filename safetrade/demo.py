@@ -78,6 +78,7 @@ class DemoJob:
     theory_rows: int = 8
     theory_samples: int = 2
     theory_lanczos_steps: int = 6
+    theory_segment_points: int = 3  # points on θ_s → θ of the a-posteriori certificate (0 = none)
     seed: int = 0
 
 
@@ -85,7 +86,7 @@ class DemoJob:
 # prints show that each stage works, not the trade-off (the model barely moves in so few steps).
 QUICK = dict(out_dir="runs/demo-quick", max_len=96, align_steps=24, finetune_steps=6, n_calibration=16,
              sqsd_pool=16, safety_dir_steps=4, n_eval=12, n_loss_rows=12, max_new_tokens=16, theory_rows=4,
-             theory_samples=1, theory_lanczos_steps=3)
+             theory_samples=1, theory_lanczos_steps=3, theory_segment_points=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,8 @@ def estimate_seconds(job: DemoJob) -> dict[str, float]:
     est["sqsd"] = job.sqsd_pool * _SECONDS["sqsd_sample"] * job.max_len / 160 + _SECONDS["fixed"]
     for model in MODELS:
         est[f"eval_{model}"] = evaluation
-    hvps = (job.theory_lanczos_steps + 1) * 2 + job.theory_samples + 4
+    # + the certificate: two losses at each segment point of the Case I and Case II runs, about an HVP each
+    hvps = (job.theory_lanczos_steps + 1) * 2 + job.theory_samples + 4 + 2 * 2 * job.theory_segment_points
     est["theory"] = hvps * _SECONDS["theory_hvp"] * job.theory_rows / 8 + _SECONDS["fixed"]
     return est
 
@@ -269,7 +271,8 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
     # constants their executables hold) first. Without this the first full run peaked at 18.6 GB and was killed.
     _release_memory()
     pipe.run("theory", {"rows": job.theory_rows, "samples": job.theory_samples,
-                        "lanczos": job.theory_lanczos_steps, "max_len": job.max_len},
+                        "lanczos": job.theory_lanczos_steps, "max_len": job.max_len,
+                        "segment_points": job.theory_segment_points},
              ("align", "benign", "case1", "case2"), lambda: _theory(job, out))
 
     statistics = eval_statistics({m: out / "eval" / f"{m}.json" for m in MODELS},
@@ -342,7 +345,7 @@ def _theory(job: DemoJob, out: Path) -> dict:
     result = run_theory_job(TheoryJob(
         aligned=str(out / "align" / "hf"), runs=tuple(str(out / name) for name in ("case2", "case1", "benign")),
         out_dir=str(out / "theory"), n_rows=job.theory_rows, max_len=job.max_len, samples=job.theory_samples,
-        lanczos_steps=job.theory_lanczos_steps, seed=job.seed))
+        lanczos_steps=job.theory_lanczos_steps, segment_points=job.theory_segment_points, seed=job.seed))
     return {k: result[k] for k in ("checks", "violations", "summary", "aligned")} | {
         "runs": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in result["runs"]]}
 
