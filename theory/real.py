@@ -33,7 +33,7 @@ Case I runs (case1_penalty with λ = strategy.lam):
 Every Case I and Case II run, the a-posteriori certificate (`segment_points` > 0; bounds.segment_certificate):
   G_s ≤ ⟨∇L_s(θ_s), Δ⟩ + ½ β_Δ‖Δ‖² and gain ≤ −⟨∇L_f(θ_s), Δ⟩ − ½ α_Δ‖Δ‖², Δ = θ − θ_s, with β_Δ / α_Δ the
   max / min directional curvature uᵀ∇²L u at `segment_points` equally spaced points of θ_s → θ
-  (landscape.segment_profile; one jvp-of-grad per point and loss). bounds.md tables bound / measured for the
+  (landscape.segment_profile; one forward-over-forward pass per point and loss, ~1.5 gradients). bounds.md tables bound / measured for the
   worst-case bounds and the certificate (goal ≤ 10×); certificates.png draws both against r and λ.
 All constants are maxima over sampled points, i.e. lower estimates of the true suprema: a bound built from them is
 evidence, not a certificate. Violations are counted, tabled and drawn in red, never dropped.
@@ -83,7 +83,7 @@ class TheoryJob:
     lanczos_steps: int = 8  # Lanczos steps per smoothness estimate (Case II)
     seed: int = 0  # seed of the ball samples and Lanczos start vectors
     segment_points: int = 5  # points on θ_s → θ for the a-posteriori certificate (0 = no certificate)
-    segment_method: str = "jvp_of_grad"  # directional curvature by "jvp_of_grad" or "forward" (forward-over-forward)
+    segment_method: str = "forward"  # directional curvature: "forward" (forward-over-forward) or "jvp_of_grad"
     tolerance: float = 0.0  # relative slack before a measured gap counts as a violation (0 = exact comparison)
 
     def __post_init__(self):
