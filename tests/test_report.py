@@ -233,3 +233,27 @@ def test_cli_compare_with_reference_and_markdown(pair, capsys):
                      "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| metric | ref | other |") and "paired tests vs other" in out
+
+
+def test_sample_values_reads_per_prompt_outcomes_by_judge_and_names_what_is_missing():
+    margins = list(np.linspace(-2.0, 3.0, N))
+    rec = make_record("m", flags(range(12)), flags([0, 5]), margins, flags([1, 2]), flags([4]), shuffle_seed=3)
+    by_id = {s["id"]: s for s in rec["samples"]["harmful:x"]}
+    keyword = report.sample_values(rec, "harmful:x", "attack_success")  # primary judge = keyword
+    assert keyword["judge"] == "keyword" and len(keyword["ids"]) == N
+    assert keyword["values"] == [int(i[1:]) < 12 for i in keyword["ids"]]
+    guard = report.sample_values(rec, "harmful:x", "attack_success", judge="guard")
+    assert guard["values"] == [i in ("s0", "s5") for i in guard["ids"]]
+    refused = report.sample_values(rec, "benign:y", "refused")
+    assert refused["values"] == [i in ("s1", "s2") for i in refused["ids"]]
+    margin = report.sample_values(rec, "harmful:x", "refusal_margin")
+    assert margin["judge"] is None and margin["values"] == [by_id[i]["refusal_margin"] for i in margin["ids"]]
+    assert report.sample_values(rec, "gsm8k", "correct")["values"].count(True) == 1
+    by_id["s3"]["verdicts"]["keyword"]["error"] = "timeout"  # a failed judgement is None, not False
+    assert report.sample_values(rec, "harmful:x", "attack_success")["values"][keyword["ids"].index("s3")] is None
+    with pytest.raises(EvaluationError, match="judge 'llama_guard'"):
+        report.sample_values(rec, "harmful:x", "attack_success", judge="llama_guard")
+    with pytest.raises(EvaluationError, match="'harmful:z'.*sample sets"):
+        report.sample_values(rec, "harmful:z", "attack_success")
+    with pytest.raises(EvaluationError, match="question must be one of"):
+        report.sample_values(rec, "harmful:x", "asr")

@@ -120,6 +120,31 @@ def _sample_outcomes(record: dict, row: _Row) -> dict | None:
             "values": [_outcome(s, row, judge, answers) for s in samples]}
 
 
+QUESTIONS = ("attack_success", "refused", "harmful", "correct", "refusal_margin")
+
+
+def sample_values(record: dict, sample_set: str, question: str, judge: str | None = None) -> dict:
+    """Per-prompt outcomes of one evaluation record, for a study's own statistics (paired tests, bootstraps over
+    prompts): {"judge", "ids", "values"}, values in record order, None where a sample failed.
+
+    sample_set: "harmful:<set>", "benign:<set>" or "gsm8k"; question: one of QUESTIONS (attack_success and refused
+    read the judge's verdicts, with the set's primary judge when `judge` is None; correct and refusal_margin need
+    no judge). Raises EvaluationError naming what the record lacks.
+    """
+    if question not in QUESTIONS:
+        raise EvaluationError(f"question must be one of {QUESTIONS}, got {question!r}")
+    row = _Row(label=question, kind="rate", sample_set=sample_set, judge=judge, question=question)
+    out = _sample_outcomes(record, row)
+    if out is None:
+        have = sorted((record.get("samples") or {}))
+        judges = sorted(_judges(record, sample_set)) if sample_set in have else []
+        raise EvaluationError(f"record of {record.get('config', {}).get('model', '?')}: no per-sample "
+                              f"{question!r} for {sample_set!r}" + (f" with judge {judge!r} (judges: {judges})"
+                                                                     if judge and sample_set in have else "")
+                              + f" (sample sets: {have})")
+    return out
+
+
 def _value(record: dict, row: _Row):
     if row.kind == "check":
         return (record["metrics"].get("judge_check") or {}).get(row.judge, {}).get("accuracy")
