@@ -374,3 +374,24 @@ def test_group_by_length_covers_every_row_once_with_less_padding():
     assert sum(b["input_ids"].size for b in grouped) < 0.85 * sum(b["input_ids"].size for b in plain)
     again = list(batching.epoch_batches(examples, 8, buckets=(64, 128, 256), group_by_length=True))
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))
+
+
+def test_length_matched_take_gives_each_source_the_same_length_histogram():
+    from safetrade.data.splits import length_matched_take
+
+    short = [{"id": f"a{i}", "prompt": "p", "response": "x" * (10 + i % 50)} for i in range(300)]  # 10..59
+    long_ = [{"id": f"b{i}", "prompt": "p", "response": "y" * (40 + i % 200)} for i in range(300)]  # 40..239
+    rows = length_matched_take({"short": short, "long": long_}, n=60, seed=0, n_bins=10)
+    assert len(rows) == 60 and len({r["id"] for r in rows}) == 60
+    by = {s: sorted(len(r["response"]) for r in rows if r["source"] == s) for s in ("short", "long")}
+    assert len(by["short"]) == len(by["long"]) == 30
+    # only the overlap of the ranges is matched: no short row under 40 characters (no long row is that short),
+    # and the two sorted length lists agree within the width of a pooled-quantile bin (~23 characters here)
+    assert min(by["short"]) >= 40
+    assert max(abs(a - b) for a, b in zip(by["short"], by["long"])) <= 12  # unmatched medians: 34.5 vs 139.5
+    assert rows == length_matched_take({"short": short, "long": long_}, n=60, seed=0, n_bins=10)  # deterministic
+    assert rows != length_matched_take({"short": short, "long": long_}, n=60, seed=1, n_bins=10)
+    with pytest.raises(DataError, match="can be length-matched"):
+        length_matched_take({"short": short, "long": long_}, n=400, seed=0)
+    with pytest.raises(DataError, match="multiple of the 2 sources"):
+        length_matched_take({"short": short, "long": long_}, n=61, seed=0)
