@@ -457,3 +457,76 @@ def test_window_table_lists_every_method_window_and_the_filtering_rows():
     assert "| sqsd | 10 % / +0.50 |" in text and "| random |" in text
     assert "| n/a | +0 pts | +0.50 | -0.80 [-0.90, -0.70] |" in text  # constant ASR: no rank correlation
     assert "filtering (k = 2 of 10)" in text and "pool minus its top-k SQSD | 10 %" in text
+
+
+def _window_eval(path, success, margins):
+    samples = [{"id": f"p{i}", "refusal_margin": m,
+                "verdicts": {"keyword": {"refused": not s, "attack_success": s, "error": None}}}
+               for i, (s, m) in enumerate(zip(success, margins))]
+    path.write_text(json.dumps({"samples": {"harmful:heldout": samples}, "metrics": {
+        "detail/harmful/heldout": {"judges": {"keyword": {"answers": "refused"}}}}}))
+    return path
+
+
+def test_window_bootstrap_gives_hand_checked_point_estimates_and_intervals_over_prompts(tmp_path):
+    module = _sqsd_windows_script()
+    n = 40
+    # three windows x two seeds; ASR falls 0.5 -> 0.25 -> 0.0 (seed means), margins rise
+    paths = []
+    for w, k in enumerate((20, 10, 0)):
+        paths.append([_window_eval(tmp_path / f"w{w}s{s}.json", [i < k + (4 if s else -4) * (k > 0) for i in range(n)],
+                                   [w + 0.1 * s] * n) for s in range(2)])
+    out = module.window_bootstrap(paths, n_boot=300, seed=0)
+    assert out["seeds"] == 2 and out["asr"]["n_prompts"] == n
+    assert out["asr"]["spearman"] == pytest.approx(-1.0) and out["asr"]["s1_minus_s5"] == pytest.approx(0.5)
+    low, high = out["asr"]["s1_minus_s5_ci95"]
+    assert low < 0.5 < high and low > 0.2  # 40 prompts: roughly ±0.15 around +0.5
+    # constant margins within each window: every resample has the same means, a zero-width interval
+    assert out["margin"]["s1_minus_s5"] == pytest.approx(-2.0)
+    assert out["margin"]["s1_minus_s5_ci95"] == pytest.approx([-2.0, -2.0])
+    assert [x["spearman"] for x in out["asr"]["per_seed"]] == pytest.approx([-1.0, -1.0])
+    window = {"asr": 0.1, "refusal_margin": 0.5}
+    paired = {"mean": -0.8, "ci95": [-0.9, -0.7], "n_prompts": n}
+    method = {"windows": [window] * 3, "spearman_window_vs_asr": -1.0, "s1_minus_s5_asr": 0.5,
+              "spearman_window_vs_margin": 1.0, "s1_minus_s5_margin": -2.0, "s1_minus_s5_margin_paired": paired,
+              "bootstrap": out, "spearman_score_vs_length": 0.12}
+    text = module.markdown_table({"aligned": {"asr": 0.08, "refusal_margin": 1.2}, "methods": {"sqsd": method}})
+    assert "bootstrap over the 40 evaluation prompts, 300 resamples; windows averaged over 2 training seed(s)" in text
+    assert f"| sqsd | -1.00 [{out['asr']['spearman_ci95'][0]:+.2f}, " in text and "| -1.00, -1.00 | +0.12 |" in text
+    # identical windows: no rank correlation, said as None rather than a number
+    same = [[_window_eval(tmp_path / f"same{w}.json", [i < 5 for i in range(n)], [0.0] * n)] for w in range(3)]
+    flat = module.window_bootstrap(same, n_boot=50)
+    assert flat["asr"]["spearman"] is None and flat["asr"]["spearman_undefined_share"] == 1.0
+
+
+def test_filter_tests_pair_prompts_per_seed_and_pooled(tmp_path):
+    module = _sqsd_windows_script()
+    n = 30
+    top = [_window_eval(tmp_path / f"top{s}.json", [i < 3 for i in range(n)], [1.0] * n) for s in range(2)]
+    rand = [_window_eval(tmp_path / f"rand{s}.json", [i < 9 for i in range(n)], [0.5] * n) for s in range(2)]
+    out = module.filter_tests(top, rand)
+    first = out["per_seed"][0]
+    assert first["asr_minus_top_sqsd"] == pytest.approx(0.1) and first["asr_minus_random"] == pytest.approx(0.3)
+    # 6 discordant prompts, all on the random side: p = 2 · 0.5^6 = 0.03125
+    assert first["mcnemar"]["n_a_only"] == 0 and first["mcnemar"]["n_b_only"] == 6
+    assert first["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 6)
+    assert out["pooled_mcnemar"]["n"] == 2 * n and out["pooled_mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 12)
+    assert first["margin_difference_paired"]["mean"] == pytest.approx(0.5)
+
+
+def test_mixed_pool_is_half_each_source_length_matched_and_disjoint_from_the_alignment_rows(tmp_path):
+    from safetrade import config
+    from safetrade.data import normalise_prompt
+    from safetrade.data.sets import rows_for
+
+    module = _sqsd_windows_script()
+    data = config.DataSection(benign_ratio=3.0, rephrased=1.0, benign_rephrased=0.5)
+    config.save(config.TrainJob(data=data), tmp_path / "config.yaml")
+    rows, record = module.mixed_pool(60, 0, tmp_path / "config.yaml")
+    assert len(rows) == 60 and sum(r["source"] == "gsm8k" for r in rows) == 30
+    trained = {normalise_prompt(r["prompt"]) for r in rows_for("alignment", data) if r.get("prompt")}
+    assert not any(normalise_prompt(r["prompt"]) in trained for r in rows)
+    medians = [record["response_chars_p10_p50_p90"][s][1] for s in ("gsm8k", "sharegpt")]
+    assert abs(medians[0] - medians[1]) < 0.25 * max(medians)  # unmatched: ~241 vs ~682 characters
+    with pytest.raises(SystemExit, match="pass --align-config"):
+        module.mixed_pool(60, 0, tmp_path / "missing.yaml")
