@@ -54,6 +54,12 @@ def test_case1_trends_report_which_claims_held():
     # one point per proxy: nothing was compared, so nothing "held"
     single = check.case1_trends([case1_run(1.0, 0.1)])
     assert single["per_proxy"]["proxy"]["safety_gap_nonincreasing"]["held"] is None
+    # two seeds at each λ count as their mean: (0.30, 0.10) at λ=1 and (0.25, 0.05) at λ=2 fall on average
+    seeds = [case1_run(1, 0.30), case1_run(1, 0.10), case1_run(2, 0.25), case1_run(2, 0.05)]
+    entry = check.case1_trends(seeds)["per_proxy"]["proxy"]
+    assert entry["lams"] == [1.0, 2.0] and entry["runs_per_lam"] == [2, 2]
+    assert entry["safety_gaps"] == pytest.approx([0.20, 0.15])
+    assert entry["safety_gap_nonincreasing"]["held"] is True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from theory import bounds
 
 
@@ -282,7 +284,7 @@ def case1_trends(runs: Sequence[Mapping], tolerance: float = 0.0) -> dict:
     optionally capability_loss).
 
     Per group (proxy set): is the safety gap non-increasing in λ, and the capability loss non-decreasing (claim 4:
-    the inverse relationship)? Across groups, at every λ measured for two or more groups: does the group with the
+    the inverse relationship)? Several runs at one λ (training seeds) count as their mean. Across groups, at every λ measured for two or more groups: does the group with the
     smaller similarity term δ (the closer proxy) have the smaller safety gap (claim 1)? A claim "held" only if it
     held at every compared point; the breaking pairs are listed. A single λ per group compares nothing: held is
     then None, never True.
@@ -293,18 +295,22 @@ def case1_trends(runs: Sequence[Mapping], tolerance: float = 0.0) -> dict:
         groups.setdefault(str(r.get("group", "")), []).append(r)
     per_group = {}
     for group, rows in groups.items():
-        rows = sorted(rows, key=lambda r: float(r["lam"]))
-        lams = [float(r["lam"]) for r in rows]
-        gaps = [float(r["safety_gap"]) for r in rows]
-        entry = {"lams": lams, "safety_gaps": gaps,
+        # Runs at the same λ (training seeds) are averaged: the trend is read off the per-λ means.
+        by_lam: dict[float, list] = {}
+        for r in rows:
+            by_lam.setdefault(float(r["lam"]), []).append(r)
+        lams = sorted(by_lam)
+        gaps = [float(np.mean([float(r["safety_gap"]) for r in by_lam[lam]])) for lam in lams]
+        entry = {"lams": lams, "safety_gaps": gaps, "runs_per_lam": [len(by_lam[lam]) for lam in lams],
+                 "safety_gap_runs": [[float(r["safety_gap"]) for r in by_lam[lam]] for lam in lams],
                  "similarity": max((float(r["similarity"]) for r in rows if "similarity" in r), default=None)}
         breaks = _monotone_breaks(lams, gaps, increasing=False, tolerance=tolerance)
-        entry["safety_gap_nonincreasing"] = {"held": None if len(rows) < 2 else not breaks, "breaks": breaks}
+        entry["safety_gap_nonincreasing"] = {"held": None if len(lams) < 2 else not breaks, "breaks": breaks}
         if all("capability_loss" in r for r in rows):
-            losses = [float(r["capability_loss"]) for r in rows]
+            losses = [float(np.mean([float(r["capability_loss"]) for r in by_lam[lam]])) for lam in lams]
             entry["capability_losses"] = losses
             breaks = _monotone_breaks(lams, losses, increasing=True, tolerance=tolerance)
-            entry["capability_loss_nondecreasing"] = {"held": None if len(rows) < 2 else not breaks,
+            entry["capability_loss_nondecreasing"] = {"held": None if len(lams) < 2 else not breaks,
                                                       "breaks": breaks}
         per_group[group] = entry
     comparisons = []

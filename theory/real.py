@@ -365,8 +365,12 @@ def plot_case1_trends(records: list[dict], path) -> None:
     for g, proxy in enumerate(dict.fromkeys(r["proxy"] for r in case1)):
         rows = sorted((r for r in case1 if r["proxy"] == proxy), key=lambda r: r["lam"])
         label = f"{rows[0]['group']} (δ={rows[0]['similarity']:.3g})"
-        axes[0].plot([r["lam"] for r in rows], [r["safety_gap"] for r in rows], "o-", color=f"C{g}", label=label)
-        axes[1].plot([r["lam"] for r in rows], [r["loss_f"] for r in rows], "o-", color=f"C{g}", label=label)
+        lams = sorted({r["lam"] for r in rows})
+        for ax, key in ((axes[0], "safety_gap"), (axes[1], "loss_f")):
+            # one point per run (training seeds), the line through the per-λ means
+            ax.scatter([r["lam"] for r in rows], [r[key] for r in rows], color=f"C{g}", s=12, alpha=0.6)
+            ax.plot(lams, [sum(r[key] for r in rows if r["lam"] == lam) / sum(r["lam"] == lam for r in rows)
+                           for lam in lams], "-", color=f"C{g}", label=label)
     for ax, ylabel in zip(axes, ("safety gap G_s", "capability loss L_f")):
         ax.set_xlabel("λ")
         ax.set_ylabel(ylabel)
