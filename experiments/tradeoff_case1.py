@@ -13,6 +13,10 @@ reused, so the script resumes after an interruption. Proxy sets (--proxies):
                  written to OUT/data/pyrit_refusals.jsonl (a different writer: further from the original data).
 Any other value is passed as data.proxy (a built set, registry name or file).
 Then `safetrade theory` on every run: OUT/theory/{result.json,bounds.md,bounds.png,case1_trends.png}.
+At power (the λ grid 0.1-30, two training seeds, every run trained until its held-out penalised objective is below
+the aligned model's, as the penalty bound assumes):
+    python experiments/tradeoff_case1.py --aligned runs/align/hf --out runs/case1_power \
+        --lams 0.1 0.3 1 3 10 30 --seeds 0 1 --until-descent 160 steps=10 --theory n_rows=16
 Trailing KEY=VALUE overrides go to every fine-tune; --theory KEY=VALUE (repeatable) to the check.
 """
 
@@ -42,6 +46,14 @@ def main(argv=None) -> int:
     p = tradeoff_runs.sweep_parser(__doc__.split("\n")[0])
     p.add_argument("--lams", type=float, nargs="+", default=list(DEFAULT_LAMS), help="penalty weights λ")
     p.add_argument("--proxies", nargs="+", default=list(DEFAULT_PROXIES), help="proxy safety sets (see above)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds (data.seed: batch order and which fine-tuning / proxy rows are held out; full "
+                        "fine-tuning has no other randomness; L_s is always measured on the alignment run's held-out "
+                        "rows); each (proxy, λ) runs once per seed, the first at OUT/<proxy>/lam<λ>, others at "
+                        "lam<λ>-seed<s>")
+    p.add_argument("--until-descent", type=int, default=0, metavar="MAX_STEPS",
+                   help="double a run's steps (resuming) until its held-out L_f + λ·L_proxy is below the aligned "
+                        "model's, up to MAX_STEPS (0: train the given steps once); history in <run>/descent.json")
     args = p.parse_intermixed_args(argv)  # overrides may sit before or after options
     align_config = args.align_config or str(Path(args.aligned).parent / "config.yaml")
 
@@ -49,10 +61,16 @@ def main(argv=None) -> int:
     for proxy in args.proxies:
         source = proxy_source(proxy, args.out, align_config)
         for lam in args.lams:
-            run_dir = args.out / Path(proxy).stem / f"lam{lam:g}"
-            runs.append(tradeoff_runs.launch(args.aligned, run_dir, args.config,
-                                             ["strategy.name=case1_penalty", f"strategy.lam={lam}",
-                                              f"data.proxy={source}", *args.overrides]))
+            for seed in args.seeds:
+                name = f"lam{lam:g}" if seed == args.seeds[0] else f"lam{lam:g}-seed{seed}"
+                overrides = ["strategy.name=case1_penalty", f"strategy.lam={lam}", f"data.proxy={source}",
+                             *([f"data.seed={seed}"] if seed != 0 else []), *args.overrides]
+                run_dir = args.out / Path(proxy).stem / name
+                if args.until_descent:
+                    runs.append(tradeoff_runs.launch_until_descent(args.aligned, run_dir, args.config, overrides,
+                                                                   args.until_descent))
+                else:
+                    runs.append(tradeoff_runs.launch(args.aligned, run_dir, args.config, overrides))
     if not args.no_check:
         tradeoff_runs.check(args.aligned, runs, args.out, [f"align_config={align_config}", *args.theory])
     return 0

@@ -79,6 +79,58 @@ def launch(aligned: str, run_dir: Path, base_config: str, overrides: list[str]) 
     return run_dir
 
 
+def held_out_objective(aligned: str, run_dir: Path, n_rows: int = 16, max_len: int = 128) -> dict:
+    """F = L_f + λ·L_proxy of a Case I run at θ and at θ_s, on the held-out rows `safetrade theory` measures (the
+    same HeldOutLosses batches, n_rows and max_len as its check), and whether F decreased: the penalty bound's
+    premise F(θ_λ) ≤ F(θ_s)."""
+    from safetrade import config
+    from safetrade.models import io
+    from safetrade.tokenizer import load_tokenizer
+    from theory.real import HeldOutLosses
+
+    job = config.load(config.TrainJob, run_dir / "config.yaml")
+    lam = float(job.strategy.lam)
+    cfg, aligned_params = io.load_hf(aligned)
+    _, params = io.load_hf(run_dir / "hf")
+    losses = HeldOutLosses(cfg, load_tokenizer(aligned), n_rows, max_len)
+
+    def objective(p):
+        return losses.value(job.data.train, job.data, p) + lam * losses.value(job.data.proxy, job.data, p)
+
+    at_run, at_aligned = objective(params), objective(aligned_params)
+    return {"steps": job.steps, "objective_at_run": at_run, "objective_at_aligned": at_aligned,
+            "decreased": at_run <= at_aligned}
+
+
+def launch_until_descent(aligned: str, run_dir: Path, base_config: str, overrides: list[str], max_steps: int,
+                         n_rows: int = 16, max_len: int = 128) -> Path:
+    """`launch`, then keep doubling the run's steps (resuming from its last checkpoint: the batches of step k are a
+    pure function of k, so a continued run equals a longer one with a constant learning rate) until the held-out
+    penalised objective is below the aligned model's or the next doubling would pass max_steps. Every measurement
+    is kept in run_dir/descent.json ({"history": [{steps, objective_at_run, objective_at_aligned, decreased}]}),
+    so a re-run resumes and the report can say how many steps each run needed, and which still did not descend."""
+    import shutil
+
+    record = run_dir / "descent.json"
+    history = json.loads(record.read_text())["history"] if record.exists() else []
+    extra: list[str] = [f"steps={history[-1]['steps']}"] if history else []
+    while True:
+        launch(aligned, run_dir, base_config, [*overrides, *extra])
+        measured = held_out_objective(aligned, run_dir, n_rows, max_len)
+        if not history or history[-1]["steps"] != measured["steps"]:
+            history.append(measured)
+            record.write_text(json.dumps({"history": history, "max_steps": max_steps}, indent=1) + "\n")
+        steps = measured["steps"]
+        if measured["decreased"] or 2 * steps > max_steps:
+            verdict = "decreased" if measured["decreased"] else f"did NOT decrease by {steps} steps (max {max_steps})"
+            print(f"{run_dir}: held-out F {measured['objective_at_run']:.4f} vs {measured['objective_at_aligned']:.4f} "
+                  f"at θ_s: {verdict}", flush=True)
+            return run_dir
+        print(f"{run_dir}: F did not decrease in {steps} steps; continuing to {2 * steps}", flush=True)
+        shutil.rmtree(run_dir / "hf")  # the finished model; the checkpoint at `steps` stays and is resumed
+        extra = [f"steps={2 * steps}"]
+
+
 def check(aligned: str, run_dirs: list[Path], out: Path, theory_overrides: list[str]) -> dict:
     """`safetrade theory` on the sweep's run dirs; prints the report."""
     from safetrade import config

@@ -4,6 +4,7 @@ inputs, and the real-run pipeline end to end on a tiny random Llama with the rea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import pytest
@@ -12,6 +13,8 @@ from safetrade import cli, config
 from safetrade.models import io, llama
 from safetrade.tradeoff import strategy_config
 from theory import bounds, check
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Case I check and trends on synthetic numbers
@@ -114,6 +117,15 @@ def test_theory_command_end_to_end_on_tiny_runs(tiny_runs, tmp_path, capsys):
     assert lam1["capability_loss_min_estimate"] == pytest.approx(min(measured_f))
     assert lam1["similarity"] >= abs(result["aligned"]["loss_s"] - lam1["loss_proxy_at_aligned"]) - 1e-9
     assert isinstance(lam1["objective_decreased"], bool)
+    # the Case I sweep's descent check (experiments/tradeoff_runs.py) measures the same F on the same rows
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tradeoff_runs_check", ROOT / "experiments" / "tradeoff_runs.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    descent = sweep.held_out_objective(str(root / "align" / "hf"), root / "lam1", n_rows=3, max_len=128)
+    assert descent["objective_at_run"] == pytest.approx(lam1["objective_at_run"], rel=1e-5)
+    assert descent["objective_at_aligned"] == pytest.approx(lam1["objective_at_aligned"], rel=1e-5)
+    assert descent["decreased"] == lam1["objective_decreased"] and descent["steps"] == lam1["steps"]
     kinds = {(c["run"], c["bound_name"]) for c in result["checks"]}
     assert {("lam1", "penalty"), ("lam4", "penalty"), ("r", "lipschitz"), ("r", "smoothness"),
             ("r", "capability_gain")} <= kinds
