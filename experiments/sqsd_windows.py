@@ -173,26 +173,21 @@ MIXED_POOL = "gsm8k+sharegpt"
 
 
 def mixed_pool(n: int, seed: int, align_config: Path) -> tuple[list[dict], dict]:
-    """n benign rows, half GSM8K worked answers (the capability part) and half ShareGPT replies (the alignment
-    part's rows the alignment run did not train on), length-matched: equal numbers of each source in every decile
-    of the pooled answer length (data.splits.length_matched_take), so a score cannot rank the sources apart by
-    answer length alone. Returns (rows, a record of the per-source length quantiles)."""
+    """The length-matched GSM8K + ShareGPT pool (data.alignment.build_benign_mix) without the ShareGPT rows the
+    alignment run trained on; returns (rows, a record of the per-source length quantiles)."""
     from safetrade.data import normalise_prompt
-    from safetrade.data.alignment import gsm8k_rows, sharegpt_rows
+    from safetrade.data.alignment import build_benign_mix
     from safetrade.data.sets import rows_for
-    from safetrade.data.splits import length_matched_take
 
     if not align_config.exists():
         raise SystemExit(f"{align_config} not found: --pool {MIXED_POOL} leaves out the alignment run's own rows, "
                          "which its job config defines; pass --align-config")
     trained = {normalise_prompt(r["prompt"]) for r in rows_for("alignment", config_lib.load(
         config_lib.TrainJob, align_config).data) if r.get("prompt")}
-    sources = {"gsm8k": gsm8k_rows("capability"),
-               "sharegpt": [r for r in sharegpt_rows("align") if normalise_prompt(r["prompt"]) not in trained]}
-    rows = length_matched_take(sources, n, seed)
+    rows = build_benign_mix(n, seed, trained)
     lengths = {name: np.percentile([len(r["response"]) for r in rows if r["source"] == name], [10, 50, 90]).tolist()
-               for name in sources}
-    return rows, {"pool": MIXED_POOL, "rows": len(rows), "available": {k: len(v) for k, v in sources.items()},
+               for name in ("gsm8k", "sharegpt")}
+    return rows, {"pool": MIXED_POOL, "rows": len(rows),
                   "length_control": "equal rows per source in each pooled answer-length decile (characters)",
                   "response_chars_p10_p50_p90": lengths}
 

@@ -47,7 +47,7 @@ from safetrade.data.refusals import refusal_for
 from safetrade.data.registry import HARMBENCH_CONTEXT_SEPARATOR as _CONTEXT_SEPARATOR, load_dataset
 from safetrade.data.rephrase import as_request, rephrase
 from safetrade.data.rows import DataError, Row, normalise_prompt
-from safetrade.data.splits import split, stable_order, take, unit_hash
+from safetrade.data.splits import length_matched_take, split, stable_order, take, unit_hash
 
 __all__ = [
     "ADVBENCH_PARTS",
@@ -61,6 +61,7 @@ __all__ = [
     "SafetyData",
     "build_alignment_set",
     "build_attack_set",
+    "build_benign_mix",
     "build_capability_set",
     "build_proxy_safety_set",
     "build_safety_data",
@@ -241,6 +242,17 @@ def build_proxy_safety_set(seed: int = 0, n: int | None = None) -> list[Row]:
 def build_capability_set(seed: int = 0, n: int | None = None) -> list[Row]:
     """Benign fine-tuning data: GSM8K "capability" part (role "capability")."""
     return _tag(take(gsm8k_rows("capability"), n, seed), "capability", "gsm8k")
+
+
+def build_benign_mix(n: int, seed: int, trained_prompts: set[str]) -> list[Row]:
+    """n benign rows, half GSM8K worked answers (the capability part) and half ShareGPT replies (the alignment part
+    minus every prompt in `trained_prompts`, normalised: pass the alignment set a model was trained on), with equal
+    numbers of each source in every decile of the pooled answer length (splits.length_matched_take): a pool in which
+    nothing can tell the sources apart by answer length alone. Rows are tagged role "capability", source
+    "gsm8k" | "sharegpt"."""
+    sources = {"gsm8k": gsm8k_rows("capability"),
+               "sharegpt": [r for r in sharegpt_rows("align") if normalise_prompt(r["prompt"]) not in trained_prompts]}
+    return [{**r, "role": "capability"} for r in length_matched_take(sources, n, seed)]
 
 
 def build_attack_set(n: int = 100, seed: int = 0, harmful_only: bool = True,
