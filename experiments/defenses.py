@@ -37,6 +37,8 @@ import json
 import time
 from pathlib import Path
 
+from safetrade.data import write_rows
+
 SCENARIOS = ("harmful", "benign", "dirty")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,16 +66,6 @@ def label(defense: str, value) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
-
-
-def write_rows(rows, path: Path) -> Path:
-    """Rows as JSONL (only the fields training reads), rewritten only when different: a re-run trains the same."""
-    text = "".join(json.dumps({"prompt": r["prompt"], "response": r["response"], "id": r["id"]}) + "\n"
-                   for r in rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-    return path
 
 
 def scenario_rows(scenario: str, pool: int, seed: int) -> list[dict]:

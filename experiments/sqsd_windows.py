@@ -53,6 +53,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from safetrade import config as config_lib
+from safetrade.data import write_rows
 from safetrade.evaluate.suite import EvalConfig, run_evaluation
 from safetrade.sqsd import SQSDConfig, rank_windows
 from safetrade.sqsd.job import SQSDJob, pool_rows, run_sqsd_job
@@ -87,14 +88,6 @@ def asr(model: str, out: Path, n: int) -> dict:
                                            judges=("keyword",), max_new_tokens=48), out=out, progress=False)
         log(f"evaluated {model} in {time.perf_counter() - t:.0f}s")
     return {"asr": record["metrics"]["asr/heldout"], "refusal_margin": record["metrics"]["refusal_margin/heldout"]}
-
-
-def write_rows(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps({"prompt": r["prompt"], "response": r["response"], "id": r["id"]}) + "\n")
-    return path
 
 
 def cached_scores(path: Path, rows: list[dict]) -> np.ndarray | None:

@@ -26,7 +26,7 @@ from safetrade.data.batching import bucket_lengths, epoch_batches, host_slice, i
 from safetrade.data.formatting import DataReport, DataWarning, encode_example, encode_rows
 from safetrade.data.readers import read_rows
 from safetrade.data.registry import REGISTRY, dataset_names, load_dataset
-from safetrade.data.rows import DataError, normalise_prompt
+from safetrade.data.rows import DataError, normalise_prompt, write_rows
 from safetrade.data.sets import BUILT_SETS, held_out, rows_for
 from safetrade.data.splits import split, stable_order, take
 
@@ -62,4 +62,5 @@ __all__ = [
     "split",
     "stable_order",
     "take",
+    "write_rows",
 ]

@@ -8,12 +8,14 @@ Builders may add `"role"` and `"source"` tags. Readers never drop or repair rows
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from safetrade.errors import SafetradeError
 
-__all__ = ["DataError", "Row", "content_id", "make_row", "normalise_prompt", "unique_ids"]
+__all__ = ["DataError", "Row", "content_id", "make_row", "normalise_prompt", "unique_ids", "write_rows"]
 
 Row = dict[str, Any]
 
@@ -57,3 +59,17 @@ def _text(value: Any) -> str | None:
     if not isinstance(value, str):
         value = str(value)
     return value.strip()
+
+
+def write_rows(rows: list[Row], path: str | Path) -> Path:
+    """Rows as JSONL with only the fields training reads (prompt, response, id), for a job's `data.train=FILE`.
+
+    The file is rewritten only when its content changes, so a cached study that writes the same rows again leaves
+    the file (and anything keyed on it) untouched."""
+    path = Path(path)
+    text = "".join(json.dumps({"prompt": r["prompt"], "response": r["response"], "id": r["id"]}) + "\n"
+                   for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path

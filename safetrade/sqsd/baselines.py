@@ -27,7 +27,7 @@ from safetrade.sqsd.samples import DEFAULT_MAX_LEN, SampleScores, Samples, as_sa
 from safetrade.sqsd.updates import LossFn, per_example_grads
 
 __all__ = ["FeaturesFn", "gradient_matching_scores", "random_scores", "representation_scores",
-           "self_influence_scores"]
+           "self_influence_scores", "unit_features"]
 
 FeaturesFn = Callable[[Any, Any], jax.Array]  # (params, one example) -> feature vector [D]
 
@@ -55,6 +55,13 @@ def _features(features_fn, params, samples: Samples, batch_size: int) -> np.ndar
     for chosen, values in rows:
         out[chosen] = values
     return out
+
+
+def unit_features(features_fn: FeaturesFn, params, examples, *, batch_size: int = 8,
+                  max_len: int | None = DEFAULT_MAX_LEN) -> np.ndarray:
+    """[N, D] unit-norm features of each example (a zero row for an example that cannot be scored), the vectors
+    representation_scores compares; batched and jitted once per batch shape."""
+    return _features(features_fn, params, as_samples(examples, max_len), batch_size)
 
 
 def representation_scores(features_fn: FeaturesFn, params, examples, harmful_anchors, *, top_n: int = 1,
