@@ -224,9 +224,9 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {lv['q']:g} | " + " | ".join(f"{lv['overlap'][k]:.3f}" for k in cells)
                      + f" | {lv['mean_max_cosine']:.3f} | {num('safety_gap')} | {num('capability_gain')} | "
                      + ("—" if lv.get("objective_decreased") is None else "yes" if lv["objective_decreased"] else "**no**")
-                     + f" | {100 * a['rate']:.1f} % [{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}] | "
+                     + f" | {100 * a['rate']:.1f} % [{100 * a['ci'][0]:.1f}, {100 * a['ci'][1]:.1f}] | "
                      + ("" if p is None else f"{p['p_value']:.3g}")
-                     + f" | {100 * o['rate']:.1f} % [{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] |")
+                     + f" | {100 * o['rate']:.1f} % [{100 * o['ci'][0]:.1f}, {100 * o['ci'][1]:.1f}] |")
     t = result["trend"]
 
     def r(x):
@@ -248,8 +248,8 @@ def plot(result: dict, path: Path) -> None:
     levels, k = result["levels"], str(result["trend"]["cells"])
     xs = [lv["overlap"][k] for lv in levels]
     panels = [("ASR (keyword)", [lv["asr"]["rate"] for lv in levels],
-               [[lv["asr"]["rate"] - lv["asr"]["ci95"][0] for lv in levels],
-                [lv["asr"]["ci95"][1] - lv["asr"]["rate"] for lv in levels]])]
+               [[lv["asr"]["rate"] - lv["asr"]["ci"][0] for lv in levels],
+                [lv["asr"]["ci"][1] - lv["asr"]["rate"] for lv in levels]])]
     if levels[0].get("safety_gap") is not None:
         panels.append(("safety gap G_s", [lv["safety_gap"] for lv in levels], None))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)

@@ -55,7 +55,7 @@ def test_context_overlap_study_on_a_tiny_model_runs_and_resumes(tmp_path, smollm
     for level in (far, near):
         assert set(level["overlap"]) == {"2", "4"} and all(0 <= v <= 1 for v in level["overlap"].values())
         assert level["safety_gap"] is not None and level["capability_gain"] is not None
-        assert 0 <= level["asr"]["ci95"][0] <= level["asr"]["rate"] <= level["asr"]["ci95"][1] <= 1
+        assert 0 <= level["asr"]["ci"][0] <= level["asr"]["rate"] <= level["asr"]["ci"][1] <= 1
     assert "p_value" in near["asr_mcnemar_vs_first"]
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| q (near share) | overlap, 2 cells | overlap, 4 cells |" in table and "Spearman over levels" in table
@@ -64,4 +64,4 @@ def test_context_overlap_study_on_a_tiny_model_runs_and_resumes(tmp_path, smollm
     capsys.readouterr()
     study.main(argv)  # cached: no training, no evaluation
     printed = capsys.readouterr().out
-    assert "training " not in printed and "evaluating" not in printed
+    assert f"training {tmp_path / 'out'}" not in printed and "reusing" in printed  # tradeoff_runs.launch's lines
