@@ -188,8 +188,7 @@ def main(argv=None) -> int:
         if record is None or record.get("config", {}).get("model") != ec.model:
             record = run_evaluation(ec, out=path)
         records[level["q"]] = record
-        success = [v for v in sample_values(record, "harmful:heldout", "attack_success")["values"]]
-        level["asr"] = stats.rate(success)
+        level["asr"] = stats.rate(sample_values(record, "harmful:heldout", "attack_success")["values"])
         level["over_refusal"] = stats.rate(sample_values(record, "benign:heldout", "refused")["values"])
     base = sample_values(records[levels[0]["q"]], "harmful:heldout", "attack_success")["values"]
     for level in levels[1:]:

@@ -348,6 +348,10 @@ def run_scenario(args, scenario: str, aligned_eval: Path, shared: dict) -> dict:
             "sft_seconds": sft_seconds, "rows": rows, "aligned": aligned, "table": str(out / "table.md")}
 
 
+def args_record(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def earlier_scenarios(path: Path, args) -> dict:
     """Scenarios an earlier invocation wrote to the same OUT with the same settings (all but --scenarios), so a study
     split over several runs (`--scenarios harmful`, then `--scenarios benign dirty`) ends with one result.json and
@@ -355,7 +359,7 @@ def earlier_scenarios(path: Path, args) -> dict:
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
-    now = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    now = args_record(args)
     differ = sorted(k for k in set(now) | set(earlier["args"])
                     if k != "scenarios" and now.get(k) != earlier["args"].get(k))
     kept = {k: v for k, v in earlier["scenarios"].items() if k not in args.scenarios}
@@ -409,8 +413,7 @@ def main(argv=None) -> None:
         finetune(argparse.Namespace(**{**vars(args), "steps": args.safety_steps}), shared["safety"], refusals)
     aligned_eval = args.out / "eval_aligned.json"
     evaluate(args, args.aligned, aligned_eval)
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "scenarios": earlier_scenarios(args.out / "result.json", args)}
+    result = {"args": args_record(args), "scenarios": earlier_scenarios(args.out / "result.json", args)}
     for scenario in args.scenarios:
         result["scenarios"][scenario] = run_scenario(args, scenario, aligned_eval, shared)
         (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

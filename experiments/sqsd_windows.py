@@ -138,18 +138,12 @@ def window_trend(per_window: list[dict]) -> dict:
             "spearman_window_vs_margin": trend(margins), "s1_minus_s5_margin": margins[0] - margins[-1]}
 
 
-def prompt_margins(eval_path: Path) -> dict[str, float]:
-    """Per-prompt refusal margins of one evaluation JSON, by prompt id."""
-    samples = json.loads(eval_path.read_text())["samples"]["harmful:heldout"]
-    return {s["id"]: float(s["refusal_margin"]) for s in samples}
-
-
 def paired_margin_difference(a: Path, b: Path, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean over the shared prompts of margin(a) − margin(b), with a 95 % paired-bootstrap interval over prompts.
 
     Both fine-tunes are evaluated on the same prompts, so pairing removes the prompts' own spread. The interval
     covers evaluation noise only: each fine-tune is one run (one seed), so training noise is not in it."""
-    ma, mb = prompt_margins(a), prompt_margins(b)
+    ma, mb = _outcomes(a, "refusal_margin"), _outcomes(b, "refusal_margin")
     ids = sorted(set(ma) & set(mb))
     diff = np.array([ma[i] - mb[i] for i in ids])
     boot = np.random.default_rng(seed).choice(diff, size=(n_boot, len(diff))).mean(axis=1)
