@@ -62,7 +62,7 @@ class DemoJob:
     batch_size: int = 8
     align_steps: int = 100
     align_lr: float = 5e-4
-    align_rank: int = 16
+    align_rank: int = 16  # 0: full-parameter alignment (no adapter)
     finetune_steps: int = 20
     finetune_lr: float = 3e-4
     finetune_rank: int = 8
@@ -142,7 +142,8 @@ def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, l
                strategy: dict | None = None, eval_sets=("attack", "capability")):
     overrides = {
         "out_dir": str(Path(job.out_dir) / name), "model": {"name": model},
-        "lora": {"enabled": True, "rank": rank, "alpha": 2.0 * rank, "targets": list(ALL_LINEAR)},
+        "lora": ({"enabled": True, "rank": rank, "alpha": 2.0 * rank, "targets": list(ALL_LINEAR)} if rank > 0
+                 else {"enabled": False}),
         "optim": {"name": "adamw", "lr": lr, "schedule": "cosine" if name == "align" else "constant",
                   "warmup_steps": 5 if name == "align" else 0},
         "data": {"train": train, "eval_sets": list(eval_sets), "eval_rows": 16, "max_len": job.max_len,

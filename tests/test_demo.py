@@ -187,3 +187,27 @@ def test_summary_plot_draws_an_error_bar_per_interval(tmp_path, monkeypatch):
     bars = [n for n, yerr in calls if yerr is not None]
     # ASR and over-refusal bars of 8 models in the first panel, one ASR bar per model in the trade-off panel
     assert bars == [8, 8] + [1] * 8
+
+
+def test_align_rank_zero_aligns_every_parameter_and_a_positive_rank_adds_an_adapter():
+    from safetrade.demo import ALL_LINEAR, _train_job
+
+    def align(rank):
+        return _train_job(DemoJob(align_rank=rank), "align", model="m", train="alignment", steps=3, lr=1e-4,
+                          rank=rank)
+
+    assert not align(0).lora.enabled
+    adapted = align(16).lora
+    assert adapted.enabled and adapted.rank == 16 and adapted.alpha == 32.0 and adapted.targets == ALL_LINEAR
+
+
+def test_demo_align_trial_specs_are_demo_fields_and_bad_ones_name_the_trial():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from demo_align_trials import parse_trial
+
+    name, fields = parse_trial("full:align_rank=0,align_lr=1e-4")
+    assert name == "full" and fields["align_rank"] == 0 and fields["align_lr"] == 1e-4
+    assert parse_trial("default:")[1] == config.to_dict(DemoJob())
+    for bad in ("nocolon", "t:bogus=1", "t:align_lr"):
+        with pytest.raises(SystemExit, match=bad.partition(":")[0]):
+            parse_trial(bad)
