@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from safetrade import config
-from safetrade.demo import DemoJob, _eval_config, _train_job, eval_statistics
+from safetrade.demo import DemoJob, _eval_config, _train_job, align_stage_args, eval_statistics
 from safetrade.evaluate.suite import run_evaluation
 from safetrade.train.jobs import run_train_job
 
@@ -32,6 +32,9 @@ def parse_trial(text: str) -> tuple[str, dict]:
     name, sep, fields = text.partition(":")
     if not sep or not name:
         raise SystemExit(f"--trial {text!r}: expected NAME:FIELD=VALUE,... (an empty field list is allowed)")
+    for item in fields.split(","):
+        if item.partition("=")[0] in ("out_dir", "n_eval"):  # the script sets both; a trial's would be ignored
+            raise SystemExit(f"--trial {text!r}: {item.partition('=')[0]} is set by --out / --n-eval, not per trial")
     try:  # KEY=VALUE as `safetrade demo` reads them: the same names, types and errors
         job = config.load(DemoJob, None, [item for item in fields.split(",") if item])
     except Exception as e:  # noqa: BLE001 - re-raised with the trial named
@@ -52,8 +55,7 @@ def run_trial(out: Path, name: str, fields: dict, n_eval: int) -> dict:
     print(f"[{name}] align: {job.align_steps} steps, lr {job.align_lr}, "
           f"{'full parameters' if job.align_rank == 0 else f'LoRA rank {job.align_rank}'}", flush=True)
     start = time.perf_counter()
-    summary = run_train_job(_train_job(job, "align", model=job.model, train="alignment", steps=job.align_steps,
-                                       lr=job.align_lr, rank=job.align_rank, eval_sets=("alignment", "capability")))
+    summary = run_train_job(_train_job(job, "align", **align_stage_args(job)))
     align_s = time.perf_counter() - start
     eval_path = trial_dir / "eval_aligned.json"
     start = time.perf_counter()

@@ -155,6 +155,12 @@ def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, l
     return config.from_dict(config.TrainJob, overrides)
 
 
+def align_stage_args(job: DemoJob) -> dict:
+    """`_train_job`'s arguments for the align stage (one place: the demo and experiments/demo_align_trials.py)."""
+    return dict(model=job.model, train="alignment", steps=job.align_steps, lr=job.align_lr, rank=job.align_rank,
+                eval_sets=("alignment", "capability"))
+
+
 def _eval_config(job: DemoJob, model: str):
     return EvalConfig(model=model, harmful=("heldout",), n_harmful=job.n_eval, benign="heldout",
                       n_benign=job.n_eval, loss_sets=("gsm8k_eval",), loss_rows=job.n_loss_rows,
@@ -232,8 +238,7 @@ def run_demo(job: DemoJob, *, log=print) -> dict:
 
     base_path = job.model
     pipe.run("fetch", {"model": job.model}, (), lambda: {"model": str(hub.resolve_model(job.model))})
-    train_stage("align", ("fetch",), model=base_path, train="alignment", steps=job.align_steps, lr=job.align_lr,
-                rank=job.align_rank, eval_sets=("alignment", "capability"))
+    train_stage("align", ("fetch",), **align_stage_args(job))
     aligned = str(out / "align" / "hf")
     tune = dict(model=aligned, steps=job.finetune_steps, lr=job.finetune_lr, rank=job.finetune_rank)
     train_stage("attack", ("align",), train="attack", **tune)

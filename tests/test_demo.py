@@ -208,6 +208,6 @@ def test_demo_align_trial_specs_are_demo_fields_and_bad_ones_name_the_trial():
     name, fields = parse_trial("full:align_rank=0,align_lr=1e-4")
     assert name == "full" and fields["align_rank"] == 0 and fields["align_lr"] == 1e-4
     assert parse_trial("default:")[1] == config.to_dict(DemoJob())
-    for bad in ("nocolon", "t:bogus=1", "t:align_lr"):
+    for bad in ("nocolon", "t:bogus=1", "t:align_lr", "t:n_eval=40"):
         with pytest.raises(SystemExit, match=bad.partition(":")[0]):
             parse_trial(bad)
