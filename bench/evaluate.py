@@ -9,6 +9,12 @@ judge and is reported twice: the first run (jit compilation included) and a seco
 measured as a one-prompt-at-a-time loop (how the papers' evaluation scripts run) and as left-padded batches.
 Ratios are prompts/s over prompts/s. Goal: >= 2x the torch loop.
 
+    python bench/evaluate.py --n 96 --new-tokens 32 --batch-size 16 --compare-batch-size 32
+
+`--compare-batch-size B` also times safetrade's generation at batch B (first and compiled runs) in the same
+process and prints prompts/s at B over prompts/s at --batch-size, both compiled: whether a larger generation
+batch speeds up an evaluation (the demo's evaluations are ~half its time on a 2-core CPU).
+
     python bench/evaluate.py --judge llama_guard --n 500 [--judge-batch-size 16]
 
 `--judge` adds a guard judge (`llama_guard` or `harmbench`, safetrade/evaluate/guards.py) run on the model's own
@@ -48,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--compare-batch-size", type=int, default=None,
+                    help="also time safetrade at this generation batch size; print the compiled speed ratio")
     ap.add_argument("--torch-python", default=None, help="python of the torch venv; omit to skip torch")
     ap.add_argument("--torch-modes", default="loop,batched")
     ap.add_argument("--json", default=None, help="also write the numbers here")
@@ -75,16 +83,29 @@ def main(argv=None) -> int:
     prompts = [r["prompt"] for r in take(load_dataset("advbench"), args.n, 0)]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     judge = KeywordJudge()
-    runs = []
-    for label in ("first (with compile)", "second (compiled)"):
-        start = time.perf_counter()
-        out = chat_replies(cfg, params, tok, prompts, sampling, batch_size=args.batch_size, progress=False)
-        asr = 1 - sum(v.refused for v in judge.judge(prompts, out.texts)) / len(prompts)
-        seconds = time.perf_counter() - start
-        runs.append({"run": label, "seconds": seconds, "prompts_per_s": len(prompts) / seconds,
-                     "new_tokens": out.new_tokens, "asr": asr})
-        print(f"[safetrade] {label}: {seconds:.1f}s, {len(prompts) / seconds:.2f} prompts/s, ASR {asr:.0%}",
-              file=sys.stderr, flush=True)
+
+    def time_generation(batch_size: int) -> list[dict]:
+        timed = []
+        for label in ("first (with compile)", "second (compiled)"):
+            start = time.perf_counter()
+            replies = chat_replies(cfg, params, tok, prompts, sampling, batch_size=batch_size, progress=False)
+            asr = 1 - sum(v.refused for v in judge.judge(prompts, replies.texts)) / len(prompts)
+            seconds = time.perf_counter() - start
+            timed.append({"run": label, "seconds": seconds, "prompts_per_s": len(prompts) / seconds,
+                          "new_tokens": replies.new_tokens, "asr": asr, "batch_size": batch_size,
+                          "texts": replies.texts})
+            print(f"[safetrade batch {batch_size}] {label}: {seconds:.1f}s, {len(prompts) / seconds:.2f} prompts/s, "
+                  f"ASR {asr:.0%}", file=sys.stderr, flush=True)
+        return timed
+
+    runs = time_generation(args.batch_size)
+    out_texts = runs[-1].pop("texts")
+    runs[0].pop("texts")
+    batch_runs = []
+    if args.compare_batch_size:
+        batch_runs = time_generation(args.compare_batch_size)
+        same = sum(a == b for a, b in zip(out_texts, batch_runs[-1].pop("texts")))
+        batch_runs[0].pop("texts")
 
     judge_runs = []
     if args.judge:
@@ -94,10 +115,10 @@ def main(argv=None) -> int:
         knobs = {"batch_size": args.judge_batch_size, "max_new_tokens": args.judge_new_tokens}
         guard = (LlamaGuardJudge(model, variant="8b", **knobs) if args.judge == "llama_guard"
                  else HarmBenchJudge(model, **{**knobs, "max_new_tokens": 1}))
-        lengths = [len(guard.prompt_ids(p, r)) for p, r in zip(prompts, out.texts)]
+        lengths = [len(guard.prompt_ids(p, r)) for p, r in zip(prompts, out_texts)]
         for label in ("first (with compile)", "second (compiled)"):
             start = time.perf_counter()
-            verdicts = guard.judge(prompts, out.texts)
+            verdicts = guard.judge(prompts, out_texts)
             seconds = time.perf_counter() - start
             judge_runs.append({"run": label, "seconds": seconds, "replies_per_s": len(prompts) / seconds,
                                "judge_errors": sum(v.error is not None for v in verdicts),
@@ -127,6 +148,14 @@ def main(argv=None) -> int:
     if judge_runs:
         cost = judge_runs[1]["seconds"] / runs[1]["seconds"]
         print(f"judge / generation seconds (compiled): {cost:.2f}; goal <= 1: {'met' if cost <= 1 else 'NOT met'}")
+    for r in batch_runs:
+        print(f"{'safetrade batch ' + str(r['batch_size']) + ' ' + r['run']:34s} {r['seconds']:9.1f} "
+              f"{r['prompts_per_s']:10.2f} {r['new_tokens']:8d}")
+    batch_ratio = None
+    if batch_runs:
+        batch_ratio = batch_runs[1]["prompts_per_s"] / runs[1]["prompts_per_s"]
+        print(f"ratio batch {args.compare_batch_size} / batch {args.batch_size} (compiled prompts/s): "
+              f"{batch_ratio:.2f}x; identical replies: {same} of {len(prompts)}")
     ratios = {}
     if torch_res and torch_res.get("ok"):
         for mode, r in torch_res["results"].items():
@@ -142,6 +171,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"date": date, "cpu": cpu_model(), "safetrade": runs, "judge": judge_runs,
                                                "torch": torch_res,
+                                               "batch_comparison": batch_runs, "batch_ratio": batch_ratio,
                                                "ratios": ratios, "args": vars(args)}, indent=1))
     return 0
 
