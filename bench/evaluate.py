@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     judge = KeywordJudge()
 
-    def time_generation(batch_size: int) -> list[dict]:
+    def time_generation(batch_size: int) -> tuple[list[dict], list[str]]:
+        """Records of a first (compiling) and a second (compiled) run, and the second run's replies."""
         timed = []
         for label in ("first (with compile)", "second (compiled)"):
             start = time.perf_counter()
@@ -92,20 +93,16 @@ def main(argv=None) -> int:
             asr = 1 - sum(v.refused for v in judge.judge(prompts, replies.texts)) / len(prompts)
             seconds = time.perf_counter() - start
             timed.append({"run": label, "seconds": seconds, "prompts_per_s": len(prompts) / seconds,
-                          "new_tokens": replies.new_tokens, "asr": asr, "batch_size": batch_size,
-                          "texts": replies.texts})
+                          "new_tokens": replies.new_tokens, "asr": asr, "batch_size": batch_size})
             print(f"[safetrade batch {batch_size}] {label}: {seconds:.1f}s, {len(prompts) / seconds:.2f} prompts/s, "
                   f"ASR {asr:.0%}", file=sys.stderr, flush=True)
-        return timed
+        return timed, replies.texts
 
-    runs = time_generation(args.batch_size)
-    out_texts = runs[-1].pop("texts")
-    runs[0].pop("texts")
+    runs, out_texts = time_generation(args.batch_size)
     batch_runs = []
     if args.compare_batch_size:
-        batch_runs = time_generation(args.compare_batch_size)
-        same = sum(a == b for a, b in zip(out_texts, batch_runs[-1].pop("texts")))
-        batch_runs[0].pop("texts")
+        batch_runs, batch_texts = time_generation(args.compare_batch_size)
+        same = sum(a == b for a, b in zip(out_texts, batch_texts))
 
     judge_runs = []
     if args.judge:
