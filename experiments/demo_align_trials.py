@@ -75,12 +75,14 @@ def table(results: dict[str, dict]) -> str:
     def rate(value, ci):
         return f"{100 * value:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
-    lines = ["| trial | align | steps | lr | max_len | align s | eval s | ASR [95 %] | over-refusal [95 %] | "
-             "GSM8K loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| trial | align | steps | lr | max_len | benign ratio | align s | eval s | ASR [95 %] | "
+             "over-refusal [95 %] | GSM8K loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         s = r["settings"]
         kind = "full" if s["align_rank"] == 0 else f"LoRA r{s['align_rank']}"
-        lines.append(f"| {name} | {kind} | {s['align_steps']} | {s['align_lr']:g} | {s['max_len']} | "
+        # records from before align_max_len / align_benign_ratio existed: the align stage used max_len and 3.0
+        max_len, ratio = s.get("align_max_len", s["max_len"]), s.get("align_benign_ratio", 3.0)
+        lines.append(f"| {name} | {kind} | {s['align_steps']} | {s['align_lr']:g} | {max_len} | {ratio:g} | "
                      f"{r['align_s']:.0f} | {r['eval_s']:.0f} | {rate(r['asr'], r['asr_ci'])} | "
                      f"{rate(r['over_refusal'], r['over_refusal_ci'])} | {r['gsm8k_loss']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -63,6 +63,8 @@ class DemoJob:
     align_steps: int = 100
     align_lr: float = 5e-4
     align_rank: int = 16  # 0: full-parameter alignment (no adapter)
+    align_max_len: int = 128  # the align stage's rows (the alignment set's are longer than the fine-tunes')
+    align_benign_ratio: float = 3.0  # benign rows per AdvBench prompt in the alignment set
     finetune_steps: int = 20
     finetune_lr: float = 3e-4
     finetune_rank: int = 8
@@ -75,6 +77,7 @@ class DemoJob:
     n_eval: int = 40  # held-out harmful prompts and held-out benign prompts per model
     n_loss_rows: int = 40  # held-out GSM8K answers for the utility loss
     max_new_tokens: int = 32
+    eval_batch_size: int = 16  # prompts generated together (greedy replies do not depend on it)
     theory_rows: int = 8
     theory_samples: int = 2
     theory_lanczos_steps: int = 6
@@ -84,7 +87,7 @@ class DemoJob:
 
 # --quick: every size small enough that the whole pipeline runs in a few minutes on 2 cores. The numbers it
 # prints show that each stage works, not the trade-off (the model barely moves in so few steps).
-QUICK = dict(out_dir="runs/demo-quick", max_len=96, align_steps=24, finetune_steps=6, n_calibration=16,
+QUICK = dict(out_dir="runs/demo-quick", max_len=96, align_max_len=96, align_steps=24, finetune_steps=6, n_calibration=16,
              sqsd_pool=16, safety_dir_steps=4, n_eval=12, n_loss_rows=12, max_new_tokens=16, theory_rows=4,
              theory_samples=1, theory_lanczos_steps=3, theory_segment_points=2)
 
@@ -139,15 +142,16 @@ class Pipeline:
 
 
 def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, lr: float, rank: int,
-               strategy: dict | None = None, eval_sets=("attack", "capability")):
+               strategy: dict | None = None, eval_sets=("attack", "capability"), max_len: int | None = None,
+               benign_ratio: float = 3.0):
     overrides = {
         "out_dir": str(Path(job.out_dir) / name), "model": {"name": model},
         "lora": ({"enabled": True, "rank": rank, "alpha": 2.0 * rank, "targets": list(ALL_LINEAR)} if rank > 0
                  else {"enabled": False}),
         "optim": {"name": "adamw", "lr": lr, "schedule": "cosine" if name == "align" else "constant",
                   "warmup_steps": 5 if name == "align" else 0},
-        "data": {"train": train, "eval_sets": list(eval_sets), "eval_rows": 16, "max_len": job.max_len,
-                 "batch_size": job.batch_size, "bad_rows": "truncate", "n_attack": 100, "benign_ratio": 3.0,
+        "data": {"train": train, "eval_sets": list(eval_sets), "eval_rows": 16, "max_len": max_len or job.max_len,
+                 "batch_size": job.batch_size, "bad_rows": "truncate", "n_attack": 100, "benign_ratio": benign_ratio,
                  "rephrased": 1.0, "benign_rephrased": 0.5, "seed": job.seed},
         "strategy": strategy or {"name": "sft"},
         "steps": steps, "eval_every": 0, "save_every": max(5, steps // 4), "log_every": 1, "seed": job.seed,
@@ -158,13 +162,14 @@ def _train_job(job: DemoJob, name: str, *, model: str, train: str, steps: int, l
 def align_stage_args(job: DemoJob) -> dict:
     """`_train_job`'s arguments for the align stage (one place: the demo and experiments/demo_align_trials.py)."""
     return dict(model=job.model, train="alignment", steps=job.align_steps, lr=job.align_lr, rank=job.align_rank,
+                max_len=job.align_max_len, benign_ratio=job.align_benign_ratio,
                 eval_sets=("alignment", "capability"))
 
 
 def _eval_config(job: DemoJob, model: str):
     return EvalConfig(model=model, harmful=("heldout",), n_harmful=job.n_eval, benign="heldout",
                       n_benign=job.n_eval, loss_sets=("gsm8k_eval",), loss_rows=job.n_loss_rows,
-                      judges=("keyword",), max_new_tokens=job.max_new_tokens, batch_size=16,
+                      judges=("keyword",), max_new_tokens=job.max_new_tokens, batch_size=job.eval_batch_size,
                       max_len=max(job.max_len, 256), seed=job.seed)
 
 
@@ -187,10 +192,10 @@ _SECONDS = {"train_token": 1 / 250, "eval_prompt": 0.3, "loss_row": 0.08, "safed
 
 def estimate_seconds(job: DemoJob) -> dict[str, float]:
     tokens = job.batch_size * job.max_len
-    train = lambda steps: steps * tokens * _SECONDS["train_token"] + _SECONDS["fixed"]  # noqa: E731
+    train = lambda steps, tokens=tokens: steps * tokens * _SECONDS["train_token"] + _SECONDS["fixed"]  # noqa: E731
     evaluation = 2 * job.n_eval * _SECONDS["eval_prompt"] * job.max_new_tokens / 32 \
         + job.n_loss_rows * _SECONDS["loss_row"] + _SECONDS["fixed"]
-    est = {"align": train(job.align_steps)}
+    est = {"align": train(job.align_steps, job.batch_size * job.align_max_len)}
     for name in ("attack", "benign", "case1", "case2"):
         est[name] = train(job.finetune_steps * (2 if name == "case1" else 1))
     est["safedelta_attack"] = est["safedelta_benign"] = _SECONDS["safedelta"] * (1 + job.n_calibration / 128)

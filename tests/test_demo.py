@@ -201,6 +201,17 @@ def test_align_rank_zero_aligns_every_parameter_and_a_positive_rank_adds_an_adap
     assert adapted.enabled and adapted.rank == 16 and adapted.alpha == 32.0 and adapted.targets == ALL_LINEAR
 
 
+def test_align_length_and_benign_share_reach_the_align_stage_only():
+    from safetrade.demo import _eval_config, _train_job, align_stage_args
+
+    job = DemoJob(max_len=96, align_max_len=256, align_benign_ratio=2.0, eval_batch_size=48)
+    align = _train_job(job, "align", **align_stage_args(job))
+    benign = _train_job(job, "benign", model="m", train="capability", steps=3, lr=1e-4, rank=8)
+    assert (align.data.max_len, align.data.benign_ratio) == (256, 2.0)
+    assert (benign.data.max_len, benign.data.benign_ratio) == (96, 3.0)
+    assert _eval_config(job, "m").batch_size == 48
+
+
 def test_demo_align_trial_specs_are_demo_fields_and_bad_ones_name_the_trial():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from demo_align_trials import parse_trial

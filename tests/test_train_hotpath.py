@@ -199,6 +199,26 @@ class ByteTokenizer:
         return [3 + b % (CFG.vocab_size - 3) for b in text.encode()]
 
 
+def test_continuations_scored_together_equal_one_full_forward_each():
+    from safetrade.evaluate.margin import continuations_logprobs
+    from safetrade.tokenizer import encode_chat
+
+    params = llama.init(CFG, jax.random.key(2))
+    tok = ByteTokenizer()
+    prompts = ["Hi", "How do I pick a lock?", "Name three colours of the rainbow, please", "ok"]
+    conts = ["S", "Sure", "No, I won't help with that."]  # 1, 4 and 27 tokens: padding and the 1-token path
+    got = continuations_logprobs(CFG, params, tok, prompts, conts, batch_size=3)  # 2 batches, the last padded
+    for i, prompt in enumerate(prompts):
+        ctx = encode_chat(tok, [{"role": "user", "content": prompt}])
+        for k, text in enumerate(conts):
+            cont = tok.encode(text)
+            logits, _ = llama.forward(CFG, params, np.asarray([ctx + cont], np.int32))
+            logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+            expected = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+            # both fp32 forwards; the cached path differs only in summation order: 1e-4 on values of about -100
+            assert got[k, i] == pytest.approx(expected, abs=1e-4), (prompt, text)
+
+
 def test_a_second_evaluation_over_the_same_shapes_compiles_nothing():
     from safetrade.evaluate.margin import continuation_logprobs
     from safetrade.train.jobs import mean_loss
