@@ -61,26 +61,26 @@ class DemoJob:
     max_len: int = 128  # training and loss rows (GSM8K answers are cut; the refusal behaviour fits easily)
     batch_size: int = 8
     align_steps: int = 100
-    align_lr: float = 5e-4
-    align_rank: int = 16  # 0: full-parameter alignment (no adapter)
+    align_lr: float = 3e-4
+    align_rank: int = 0  # 0: full-parameter alignment (no adapter); > 0: a LoRA of that rank, merged
     align_max_len: int = 128  # the align stage's rows (the alignment set's are longer than the fine-tunes')
-    align_benign_ratio: float = 3.0  # benign rows per AdvBench prompt in the alignment set
+    align_benign_ratio: float = 2.0  # benign rows per AdvBench prompt in the alignment set
     finetune_steps: int = 20
     finetune_lr: float = 3e-4
     finetune_rank: int = 8
     case1_lam: float = 1.0
     case2_radius: float = 0.5  # on the merged update ΔW (Frobenius, all adapted kernels)
-    safedelta_s: float = 0.1
+    safedelta_s: float = 0.5  # keeps ~96 % of a benign fine-tune's utility gain at the aligned ASR (docs/demo.md)
     n_calibration: int = 64
     sqsd_pool: int = 64
     safety_dir_steps: int = 10
-    n_eval: int = 40  # held-out harmful prompts and held-out benign prompts per model
+    n_eval: int = 100  # held-out harmful prompts and held-out benign prompts per model (95 % intervals < ±10)
     n_loss_rows: int = 40  # held-out GSM8K answers for the utility loss
     max_new_tokens: int = 32
-    eval_batch_size: int = 16  # prompts generated together (greedy replies do not depend on it)
-    theory_rows: int = 8
+    eval_batch_size: int = 50  # prompts generated together (greedy replies do not depend on it)
+    theory_rows: int = 4
     theory_samples: int = 2
-    theory_lanczos_steps: int = 6
+    theory_lanczos_steps: int = 4
     theory_segment_points: int = 3  # points on θ_s → θ of the a-posteriori certificate (0 = none)
     seed: int = 0
 
