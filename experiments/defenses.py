@@ -292,6 +292,37 @@ def summary_markdown(out: Path, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_markdown(out: Path, result: dict, name: str) -> str:
+    """`name` (a row label, e.g. safe_delta or safe_delta-s0.5) against every other fine-tuned row of each scenario
+    that has it, on the same harmful prompts (paired by prompt id; keyword judge): the prompts attacked successfully
+    on one model only, each way, and the exact McNemar p."""
+    from safetrade.evaluate import stats
+
+    def attacked(scenario: str, label: str) -> dict:
+        record = json.loads((out / scenario / "eval" / f"{label}.json").read_text())
+        ids = [sample["id"] for sample in record["samples"]["harmful:heldout"]]
+        return {i: None if r is None else not r for i, r in zip(ids, _refused(record, "harmful:heldout"))}
+
+    lines = [f"| scenario | other | attacked only on {name} | attacked only on other | p |", "|---|---|---:|---:|---:|"]
+    for scenario, sc in result["scenarios"].items():
+        labels = [row["label"] for row in sc["rows"]]
+        if name not in labels:
+            continue
+        mine = attacked(scenario, name)
+        for other in labels:
+            if other == name:
+                continue
+            theirs = attacked(scenario, other)
+            if set(theirs) != set(mine):
+                raise SystemExit(f"--versus {name}: {scenario}/{other} was evaluated on other prompts than {name}")
+            ids = sorted(mine)
+            t = stats.mcnemar_exact([mine[i] for i in ids], [theirs[i] for i in ids])
+            lines.append(f"| {scenario} | {other} | {t['n_a_only']} | {t['n_b_only']} | {_p(t['p_value'])} |")
+    if len(lines) == 2:
+        raise SystemExit(f"--versus {name}: no scenario has a row of that label")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -355,13 +386,14 @@ def args_record(args) -> dict:
 def earlier_scenarios(path: Path, args) -> dict:
     """Scenarios an earlier invocation wrote to the same OUT with the same settings (all but --scenarios), so a study
     split over several runs (`--scenarios harmful`, then `--scenarios benign dirty`) ends with one result.json and
-    one summary.md over all of them. Scenarios named now are re-run (from the cache) and replace the earlier ones."""
+    one summary.md over all of them. Scenarios named now are re-run (from the cache) and replace the earlier ones.
+    --versus only adds a table, so it may differ."""
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
     now = args_record(args)
     differ = sorted(k for k in set(now) | set(earlier["args"])
-                    if k != "scenarios" and now.get(k) != earlier["args"].get(k))
+                    if k not in ("scenarios", "versus") and now.get(k) != earlier["args"].get(k))
     kept = {k: v for k, v in earlier["scenarios"].items() if k not in args.scenarios}
     if differ and kept:
         print(f"{path}: dropping earlier scenarios {sorted(kept)}: settings differ ({', '.join(differ)})", flush=True)
@@ -398,6 +430,9 @@ def main(argv=None) -> None:
                    help="also the refusal margin per harmful prompt (as long again as judging the replies)")
     p.add_argument("--guard", default=None, help="a guard judge spec, e.g. llama_guard:/models/Llama-Guard-3-1B")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--versus", nargs="+", default=[], metavar="LABEL",
+                   help="also a paired table of each LABEL (a row label: safe_delta, lisa-rho10.0, ...) against every "
+                        "other fine-tuned row, in summary.md")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -418,6 +453,10 @@ def main(argv=None) -> None:
         result["scenarios"][scenario] = run_scenario(args, scenario, aligned_eval, shared)
         (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         (args.out / "summary.md").write_text(summary_markdown(args.out, result))
+    if args.versus:
+        (args.out / "summary.md").write_text(summary_markdown(args.out, result) + "".join(
+            f"\n## {name} against the other defenses (harmful prompts, paired)\n\n"
+            + versus_markdown(args.out, result, name) for name in args.versus))
     print(f"wrote {args.out / 'result.json'} and {args.out / 'summary.md'}", flush=True)
 
 

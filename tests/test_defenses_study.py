@@ -83,3 +83,26 @@ def test_a_study_split_by_scenarios_accumulates_only_with_the_same_settings(tmp_
     changed = argparse.Namespace(**{**vars(args), "steps": 40})
     assert study.earlier_scenarios(path, changed) == {}
     assert "dropping earlier scenarios ['harmful']: settings differ (steps)" in capsys.readouterr().out
+
+
+def test_versus_pairs_each_prompt_by_id_and_counts_discordant_prompts_each_way(tmp_path):
+    study = _study()
+
+    def record(path, attacked_ids, ids=("a", "b", "c", "d", "e")):
+        samples = [{"id": i, "verdicts": {"keyword": {"refused": i not in attacked_ids}}} for i in ids]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"samples": {"harmful:heldout": samples[::-1] if "rev" in path.name else samples}}))
+
+    eval_dir = tmp_path / "dirty" / "eval"
+    record(eval_dir / "safe_delta.json", {"a"})
+    record(eval_dir / "sft.json", {"a", "b", "c", "d"})
+    record(eval_dir / "rev-bea.json", {"e"})  # the same prompts in another order
+    result = {"scenarios": {"dirty": {"rows": [{"label": "sft"}, {"label": "safe_delta"}, {"label": "rev-bea"}]}}}
+    table = study.versus_markdown(tmp_path, result, "safe_delta").splitlines()
+    assert table[2] == "| dirty | sft | 0 | 3 | 0.250 ns |"  # 3 discordant, all one way: p = 2 / 2^3
+    assert table[3] == "| dirty | rev-bea | 1 | 1 | 1.000 ns |"
+    with pytest.raises(SystemExit, match="no scenario has a row"):
+        study.versus_markdown(tmp_path, result, "lisa")
+    record(eval_dir / "sft.json", {"a"}, ids=("a", "b", "x", "d", "e"))
+    with pytest.raises(SystemExit, match="other prompts"):
+        study.versus_markdown(tmp_path, result, "safe_delta")
