@@ -273,7 +273,8 @@ def demo_study():
              ("benign", "case1"), ("aligned", "case2"), ("benign", "case2")]
     comparisons = [compare(f"ASR: {b} vs {a}", asr[a], asr[b]) for a, b in pairs]
     comparisons += [compare(f"over-refusal: {b} vs {a}", over[a], over[b]) for a, b in pairs]
-    return "demo (40 held-out harmful + 40 benign prompts, keyword judge)", rates, comparisons
+    n_harmful, n_benign = asr["aligned"].n, over["aligned"].n
+    return f"demo ({n_harmful} held-out harmful + {n_benign} benign prompts, keyword judge)", rates, comparisons
 
 
 STUDIES = {"demo": demo_study, "evaluation": evaluation_study, "alignment": alignment_study,

@@ -49,10 +49,21 @@ def test_unpaired_comparisons_use_wilson_on_the_counts_and_newcombe(script):
 
 
 def test_paired_comparisons_come_from_the_samples(script):
+    import json
+
+    def attacked(model):  # prompt id -> keyword attack success, read here independently of the script
+        record = json.loads((ROOT / "experiments/results/demo/eval" / f"{model}.json").read_text())
+        return {x["id"]: x["verdicts"]["keyword"]["attack_success"] for x in record["samples"]["harmful:heldout"]}
+
+    aligned, benign = attacked("aligned"), attacked("benign")
+    ids = sorted(aligned)
+    expected = stats.mcnemar_exact([aligned[i] for i in ids], [benign[i] for i in ids])["p_value"]
     _, rates, comparisons = script.demo_study()
     c = next(c for c in comparisons if c["label"] == "ASR: benign vs aligned")
-    assert c["test"] == "exact McNemar (paired)" and c["p"] == pytest.approx(0.5) and c["verdict"] == "n.s., p = 0.50"
-    assert next(r for r in rates if r.label == "ASR, benign").ci == pytest.approx(stats.wilson_interval(14, 40))
+    assert c["test"] == "exact McNemar (paired)" and c["p"] == pytest.approx(expected)
+    judged = [v for v in benign.values() if v is not None]
+    assert next(r for r in rates if r.label == "ASR, benign").ci == pytest.approx(
+        stats.wilson_interval(sum(judged), len(judged)))
 
 
 def test_a_rate_that_is_not_a_count_of_n_names_its_source(script):
