@@ -78,7 +78,8 @@ class DemoJob:
     n_loss_rows: int = 40  # held-out GSM8K answers for the utility loss
     max_new_tokens: int = 32
     eval_batch_size: int = 16  # prompts generated together; a batch decodes until its last row stops, so larger
-    # batches lose early stopping (50: the base model's evaluation took 285 s instead of ~120)
+    # batches lose early stopping and pad every row to the longest prompt (the base model's evaluation, 2-core
+    # CPU: 285 s at 50, 220 s at 16)
     theory_rows: int = 4
     theory_samples: int = 2
     theory_lanczos_steps: int = 4
@@ -185,10 +186,11 @@ def _safedelta_job(job: DemoJob, name: str, finetuned: str):
 # Estimate
 
 
-# Seconds per unit, fitted to the stage times of the first full run on a 2-core AMD EPYC CPU (fp32, SmolLM2-135M,
-# 2026-11-22; experiments/results/demo): LoRA training ~250 tokens/s, ~0.3 s per evaluated prompt at 32 new tokens.
-_SECONDS = {"train_token": 1 / 250, "eval_prompt": 0.3, "loss_row": 0.08, "safedelta": 25.0,
-            "sqsd_sample": 0.6, "theory_hvp": 9.5, "fixed": 20.0}
+# Seconds per unit, fitted to the stage times of the 2026-12-03 full run on a 2-core Intel Xeon VM (fp32,
+# SmolLM2-135M; experiments/results/demo): ~105 trained tokens/s (full-parameter and LoRA alike there), ~0.7 s per
+# evaluated prompt at 32 new tokens (generation and the refusal margin). Another 2-core machine ran ~1.9x faster.
+_SECONDS = {"train_token": 1 / 105, "eval_prompt": 0.7, "loss_row": 0.08, "safedelta": 45.0,
+            "sqsd_sample": 2.4, "theory_hvp": 18.0, "fixed": 30.0}
 
 
 def estimate_seconds(job: DemoJob) -> dict[str, float]:

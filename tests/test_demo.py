@@ -133,10 +133,12 @@ def test_demo_table_has_intervals_and_paired_tests_from_old_eval_records():
                                  {m: evals[m]["fingerprint"] for m in MODELS})
     summary, _ = _demo_summary(statistics)
     rows = {r["model"]: r for r in summary["models"]}
-    for model in MODELS:  # Wilson on k of the 40 prompts, against scipy
-        k = sum(_attack_success(model).values())
-        ref = scipy_stats.binomtest(k, 40).proportion_ci(method="wilson")
-        assert rows[model]["asr"] == pytest.approx(k / 40)
+    for model in MODELS:  # Wilson on k of the n prompts, against scipy
+        attacked = _attack_success(model)
+        k, n = sum(attacked.values()), len(attacked)
+        assert n == 100
+        ref = scipy_stats.binomtest(k, n).proportion_ci(method="wilson")
+        assert rows[model]["asr"] == pytest.approx(k / n)
         assert rows[model]["ci"]["asr"] == [pytest.approx(ref.low, abs=1e-12), pytest.approx(ref.high, abs=1e-12)]
         lo, hi = rows[model]["ci"]["refusal_margin"]
         assert lo < rows[model]["refusal_margin"] < hi
@@ -147,13 +149,13 @@ def test_demo_table_has_intervals_and_paired_tests_from_old_eval_records():
         c = sum(other[i] and not aligned[i] for i in aligned)
         expected = 1.0 if b + c == 0 else scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue
         assert rows[model]["p_vs_aligned"]["asr"] == pytest.approx(expected, rel=1e-12)
-    assert rows["benign"]["p_vs_aligned"]["asr"] == pytest.approx(0.5)  # 35 % vs 30 %: 2 vs 0 discordant
+    assert rows["case1"]["p_vs_aligned"]["asr"] == pytest.approx(1.0)  # 7 % vs 8 %
     assert rows["aligned"]["p_vs_aligned"]["asr"] is None
     text = format_summary(summary)
     line = {ln.split("  ")[0]: ln for ln in text.splitlines()}
-    assert "35.0% [22, 50]" in line["benign FT (GSM8K)"] and "0.50 ns" in line["benign FT (GSM8K)"]
-    assert "5.0% [1, 17]" in line["benign, Case I"] and " 0.002 " in line["benign, Case I"]
-    assert line["aligned"].split()[-1] == "ref" and "+1.96 [+1.1, +2.8]" in line["aligned"]
+    assert "9.0% [5, 16]" in line["benign FT (GSM8K)"] and "1.00 ns" in line["benign FT (GSM8K)"]
+    assert "44.0% [35, 54]" in line["attacked (harmful FT)"] and " <0.001 " in line["attacked (harmful FT)"]
+    assert line["aligned"].split()[-1] == "ref" and "-0.00 [-0.6, +0.6]" in line["aligned"]
     legend = " ".join(text.split())  # the legend is wrapped
     assert "exact McNemar" in legend and "no multiple-comparison correction" in legend
 
@@ -168,7 +170,7 @@ def test_demo_statistics_leave_out_missing_and_stale_records(tmp_path):
     assert "case1: no interval or test" in notes and "0123456789abcdef" in notes
     # without the aligned record there is nothing to test against; the interval is still there
     assert statistics["models"]["benign"]["p_vs_aligned"]["asr"] is None
-    assert statistics["models"]["benign"]["ci"]["asr"] == [pytest.approx(v) for v in stats.wilson_interval(14, 40)]
+    assert statistics["models"]["benign"]["ci"]["asr"] == [pytest.approx(v) for v in stats.wilson_interval(9, 100)]
 
 
 def test_summary_plot_draws_an_error_bar_per_interval(tmp_path, monkeypatch):
