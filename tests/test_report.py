@@ -76,8 +76,12 @@ def pair(tmp_path):
 # Old records
 
 
+# the demo's aligned-model record of 2026-12-02, written before records carried intervals
+OLD_RECORD = Path(__file__).parent / "data" / "old_demo_eval_aligned.json"
+
+
 def test_an_old_record_renders_with_intervals_from_its_samples():
-    text = report.compare([RESULTS / "demo" / "eval" / "aligned.json"])
+    text = report.compare([OLD_RECORD])
     # 12 of 40 attacks succeed: Wilson 95 % = [0.1807, 0.4543] (k = 12, n = 40 in tests/test_stats.py)
     assert line_of(text, "asr/heldout").endswith("30.0% [18.1, 45.4]")
     assert line_of(text, "over_refusal/heldout").endswith("20.0% [10.5, 34.8]")  # 8 of 40
@@ -88,7 +92,7 @@ def test_an_old_record_renders_with_intervals_from_its_samples():
 
 
 def test_an_old_record_without_samples_falls_back_to_rate_times_n():
-    record = json.loads((RESULTS / "demo" / "eval" / "aligned.json").read_text())
+    record = json.loads(OLD_RECORD.read_text())
     record.pop("samples")
     text = report.table([record], ["aligned"])
     assert line_of(text, "asr/heldout").endswith("30.0% [18.1, 45.4]")
@@ -100,7 +104,7 @@ def test_every_committed_evaluation_record_renders_with_an_interval_on_every_rat
     evaluations = [p for p in paths if "metrics" in json.loads(p.read_text())]
     assert len(evaluations) >= 9  # the eight demo models and the SmolLM2 baseline
     text = report.compare(evaluations)
-    assert "[no interval]" not in text and "-11.97 [" in text  # the unaligned demo model's margin
+    assert "[no interval]" not in text and "-12.38 [" in text  # the unaligned demo model's margin
     for p in set(paths) - set(evaluations):
         with pytest.raises(EvaluationError, match=p.name):
             report.compare([p])
