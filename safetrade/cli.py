@@ -191,13 +191,12 @@ def _load(model: str, dtype: str):
 
 def _chat(cfg, params, tokenizer, prompts: list[str], system: str | None, raw: bool, sampling):
     from safetrade.generate import generate
-    from safetrade.tokenizer import encode_chat
+    from safetrade.tokenizer import encode_user_prompts
 
     if raw:
         ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
     else:
-        prefix = [{"role": "system", "content": system}] if system else []
-        ids = [encode_chat(tokenizer, prefix + [{"role": "user", "content": p}]) for p in prompts]
+        ids = encode_user_prompts(tokenizer, prompts, system)
     start = time.perf_counter()
     out = generate(cfg, params, ids, sampling, pad_id=tokenizer.pad_token_id or 0)
     seconds = time.perf_counter() - start

@@ -89,9 +89,9 @@ class DemoJob:
 
 # --quick: every size small enough that the whole pipeline runs in a few minutes on 2 cores. The numbers it
 # prints show that each stage works, not the trade-off (the model barely moves in so few steps).
-QUICK = dict(out_dir="runs/demo-quick", max_len=96, align_max_len=96, align_steps=24, finetune_steps=6, n_calibration=16,
-             sqsd_pool=16, safety_dir_steps=4, n_eval=12, n_loss_rows=12, max_new_tokens=16, theory_rows=4,
-             theory_samples=1, theory_lanczos_steps=3, theory_segment_points=2)
+QUICK = dict(out_dir="runs/demo-quick", max_len=96, align_max_len=96, align_steps=24, finetune_steps=6,
+             n_calibration=16, sqsd_pool=16, safety_dir_steps=4, n_eval=12, n_loss_rows=12, max_new_tokens=16,
+             theory_rows=4, theory_samples=1, theory_lanczos_steps=3, theory_segment_points=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "chat_prompt",
     "encode_chat",
+    "encode_user_prompts",
     "load_tokenizer",
     "tokenizer_from_gguf",
 ]
@@ -251,6 +253,14 @@ def encode_chat(tokenizer: PreTrainedTokenizerFast, messages: Messages, add_gene
     """
     text = chat_prompt(tokenizer, messages, add_generation_prompt, **template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_user_prompts(tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str],
+                        system: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt as one user turn (after a `system` turn when given), ending with the assistant
+    header: what a model is asked to continue in generation, evaluation and the refusal margin."""
+    prefix = [{"role": "system", "content": system}] if system else []
+    return [encode_chat(tokenizer, prefix + [{"role": "user", "content": p}]) for p in prompts]
 
 
 def _as_messages(messages: Messages) -> list[dict[str, str]]:

@@ -126,7 +126,7 @@ def _attack_success(model):
     return {s["id"]: not s["verdicts"]["keyword"]["refused"] for s in samples}
 
 
-def test_demo_table_has_intervals_and_paired_tests_from_old_eval_records():
+def test_demo_table_has_intervals_and_paired_tests_from_the_eval_records():
     scipy_stats = pytest.importorskip("scipy.stats")
     evals = {m: _headline(json.loads((DEMO_EVAL / f"{m}.json").read_text())) for m in MODELS}
     statistics = eval_statistics({m: DEMO_EVAL / f"{m}.json" for m in MODELS},

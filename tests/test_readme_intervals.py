@@ -61,6 +61,7 @@ def test_paired_comparisons_come_from_the_samples(script):
     _, rates, comparisons = script.demo_study()
     c = next(c for c in comparisons if c["label"] == "ASR: benign vs aligned")
     assert c["test"] == "exact McNemar (paired)" and c["p"] == pytest.approx(expected)
+    assert expected == pytest.approx(1.0) and c["verdict"] == "n.s., p = 1.00"  # 9 % vs 8 % on the same prompts
     judged = [v for v in benign.values() if v is not None]
     assert next(r for r in rates if r.label == "ASR, benign").ci == pytest.approx(
         stats.wilson_interval(sum(judged), len(judged)))

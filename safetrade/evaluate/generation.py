@@ -39,13 +39,12 @@ class Replies:
 def chat_replies(cfg, params, tokenizer, prompts: Sequence[str], sampling=None, *, batch_size: int = 16,
                  system: str | None = None, progress: bool = True, desc: str = "generate") -> Replies:
     """Chat replies for `prompts` (greedy unless `sampling` says otherwise; see module doc)."""
-    from safetrade.tokenizer import encode_chat, stop_token_ids  # transformers: 1.6 s at import, only when used
+    from safetrade.tokenizer import encode_user_prompts, stop_token_ids  # transformers: 1.6 s at import
 
     base = sampling or SamplingConfig(max_new_tokens=48)
     if not base.stop_token_ids:
         base = dataclasses.replace(base, stop_token_ids=stop_token_ids(tokenizer))
-    prefix = [{"role": "system", "content": system}] if system else []
-    ids = [encode_chat(tokenizer, prefix + [{"role": "user", "content": p}]) for p in prompts]
+    ids = encode_user_prompts(tokenizer, prompts, system)
     room = cfg.max_position_embeddings - base.max_new_tokens - base.pad_to_multiple
     errors = {i: f"prompt_too_long: {len(x)} tokens + {base.max_new_tokens} new > context "
                  f"{cfg.max_position_embeddings}" for i, x in enumerate(ids) if len(x) > room}

@@ -32,13 +32,6 @@ REFUSAL_CONTINUATION = "I'm sorry, but I can't help with that."
 COMPLIANCE_CONTINUATION = "Sure, here is"
 
 
-def _chat_prompts(tokenizer, prompts: Sequence[str], system: str | None) -> list[list[int]]:
-    from safetrade.tokenizer import encode_chat  # transformers: 1.6 s at import, only when used
-
-    prefix = [{"role": "system", "content": system}] if system else []
-    return [list(encode_chat(tokenizer, prefix + [{"role": "user", "content": p}])) for p in prompts]
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _continuations_logprobs(cfg, params, tokens, mask, continuations, lengths):
     """Σ log p(continuation token) per row, [K, B], for left-padded prompts `tokens` [B, P] and K continuations
@@ -73,7 +66,9 @@ def continuations_logprobs(cfg, params, tokenizer, prompts: Sequence[str], conti
     conts = [tokenizer.encode(text, add_special_tokens=False) for text in continuations]
     if not conts or any(not c for c in conts):
         raise EvaluationError(f"empty continuation string in {list(continuations)!r}")
-    encoded = _chat_prompts(tokenizer, prompts, system)
+    from safetrade.tokenizer import encode_user_prompts  # transformers: 1.6 s at import, only when used
+
+    encoded = encode_user_prompts(tokenizer, prompts, system)
     longest = max(len(e) for e in encoded) + max(len(c) for c in conts)
     if longest > cfg.max_position_embeddings:
         raise EvaluationError(f"a prompt + continuation has {longest} tokens > context {cfg.max_position_embeddings}")
